@@ -1,0 +1,210 @@
+"""The ``equipipe`` command: the subcommands that the workflow's rules call.
+
+Every subcommand takes its configuration slice as JSON (``--cfg``/``--spec``), so a rule passes
+only its own slice and reruns only when that slice changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+DATASETS = ("spice", "pdb", "geom")
+
+
+def _json(text: str) -> dict:
+    try:
+        return json.loads(text) if text else {}
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"equipipe: --cfg/--spec is not valid JSON ({e}): {text[:200]}") from None
+
+
+def _dataset_module(name: str):
+    if name not in DATASETS:
+        raise SystemExit(f"equipipe: unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+    return importlib.import_module(f"equipipe.data.{name}")
+
+
+def cmd_build_embedded(a) -> None:
+    _dataset_module(a.dataset).build_embedded(Path(a.out), _json(a.cfg))
+
+
+def cmd_download(a) -> None:
+    _dataset_module(a.dataset).download(a.source, Path(a.out), _json(a.cfg))
+
+
+def cmd_preprocess(a) -> None:
+    _dataset_module(a.dataset).preprocess(Path(a.raw), Path(a.out), _json(a.cfg))
+
+
+def cmd_split(a) -> None:
+    from equipipe.data.splits import write_split
+
+    cfg = _json(a.cfg)
+    write_split(Path(a.store), Path(a.out), cfg.get("fractions", {"train": 0.8, "val": 0.1, "test": 0.1}), int(cfg.get("seed", 0)))
+
+
+def cmd_subset(a) -> None:
+    from equipipe.data.splits import write_subset
+
+    write_subset(Path(a.split), Path(a.out), float(a.size) if a.unit == "fraction" else int(float(a.size)), a.unit)
+
+
+def cmd_train(a) -> None:
+    from equipipe.gpulease import lease_gpu
+
+    spec = _json(a.spec)
+    with lease_gpu(spec.get("train", {}).get("device", "auto"), Path(a.lock_dir) if a.lock_dir else None):
+        from equipipe.train import train
+
+        train(spec, Path(a.store), Path(a.split), Path(a.subset), Path(a.out))
+
+
+def cmd_collect(a) -> None:
+    from docutils.core import publish_string
+
+    from equipipe.collect import collect
+
+    out = Path(a.out_comparison)
+    collect([Path(p) for p in a.runs], Path(a.out_metrics), out)
+    html = publish_string(out.with_suffix(".rst").read_text(), writer_name="html")
+    out.with_suffix(".html").write_bytes(html)
+
+
+def cmd_figure(a) -> None:
+    import polars as pl
+
+    from equipipe.figures import make_figure
+
+    from equipipe.collect import load_runs, read_metrics
+
+    spec = _json(a.spec)
+    dirs = [Path(r) for r in a.runs or []]
+    runs = load_runs(dirs)
+    frames = [read_metrics(d, info) for d, info in zip(dirs, runs.values())]
+    metrics = pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
+    extra = dict(kv.split("=", 1) for kv in a.extra or [])
+    make_figure(spec, metrics, runs, Path(a.out_prefix), {k: Path(v) for k, v in extra.items()})
+
+
+def cmd_analyse(a) -> None:
+    from equipipe import analyses
+
+    fn = getattr(analyses, a.kind.replace("-", "_"), None)
+    if fn is None or a.kind.startswith("_"):
+        raise SystemExit(f"equipipe: unknown analysis {a.kind!r}; allowed: landscape, twirling, efficiency")
+    fn(Path(a.run), Path(a.out), _json(a.spec))
+
+
+def cmd_model_info(a) -> None:
+    from equipipe.models.registry import model_info_rows
+
+    rows = model_info_rows(a.model)
+    print(f"{'model':<12} {'size':<8} {'parameters':>14} {'label':>10}  within 10%")
+    for r in rows:
+        print(f"{r['model']:<12} {r['size']:<8} {r['params']:>14,} {r['label'] or '-':>10}  {r['ok']}")
+
+
+def cmd_validate(a) -> None:
+    from equipipe.config import load_config
+
+    cfg = load_config(Path(a.config))
+    print(f"{a.config}: valid ({len(cfg['experiments'])} experiments, {len(cfg.get('figures', {}))} figures)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="equipipe",
+        description="How fast do non-equivariant molecular models learn rotational equivariance? "
+        "Subcommands are called by the Snakemake rules (workflow/Snakefile); run the whole study "
+        "with `snakemake --cores N` (see README.md and config/README.md).",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("build-embedded", help="build a small real dataset offline (RDKit + GFN2-xTB, MDAnalysis test chains)")
+    s.add_argument("dataset", help=f"one of {', '.join(DATASETS)}")
+    s.add_argument("--out", required=True, help="output folder (resources/<dataset>/embedded)")
+    s.add_argument("--cfg", default="{}", help="dataset config slice as JSON (the `embedded` block)")
+    s.set_defaults(fn=cmd_build_embedded)
+
+    s = sub.add_parser("download", help="download a public release with resume and checksum verification")
+    s.add_argument("dataset")
+    s.add_argument("--source", required=True, help="e.g. spice-2.0.1, spice-1.1.4, maceoff23, wwpdb, geom-rdkit")
+    s.add_argument("--out", required=True)
+    s.add_argument("--cfg", default="{}")
+    s.set_defaults(fn=cmd_download)
+
+    s = sub.add_parser("preprocess", help="raw files -> store (memory-mapped arrays + index + quarantine)")
+    s.add_argument("dataset")
+    s.add_argument("--raw", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--cfg", default="{}")
+    s.set_defaults(fn=cmd_preprocess)
+
+    s = sub.add_parser("split", help="molecule/cluster-level train/val/test split")
+    s.add_argument("--store", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--cfg", default="{}", help='{"fractions": {...}, "seed": 0}')
+    s.set_defaults(fn=cmd_split)
+
+    s = sub.add_parser("subset", help="nested training subset (id list)")
+    s.add_argument("--split", required=True)
+    s.add_argument("--size", required=True, help="count in --unit, or a fraction in (0, 1]")
+    s.add_argument("--unit", required=True, help="conformers | chains | molecules | examples | fraction")
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_subset)
+
+    s = sub.add_parser("train", help="train one run with equivariance evaluation (resumes from <out>/work)")
+    s.add_argument("--spec", required=True, help="the run's config slice as JSON")
+    s.add_argument("--store", required=True)
+    s.add_argument("--split", required=True)
+    s.add_argument("--subset", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--lock-dir", default=os.environ.get("EQUIPIPE_GPU_LOCKS"), help="folder of GPU lease lock files (multi-GPU workstation)")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("collect", help="stack runs into metrics_all.parquet and the measured-vs-study table")
+    s.add_argument("--runs", nargs="+", required=True)
+    s.add_argument("--out-metrics", required=True)
+    s.add_argument("--out-comparison", required=True)
+    s.set_defaults(fn=cmd_collect)
+
+    s = sub.add_parser("figure", help="draw one figure (png, pdf, svg)")
+    s.add_argument("--spec", required=True)
+    s.add_argument("--runs", nargs="*", help="run folders whose metrics the figure draws")
+    s.add_argument("--extra", nargs="*", help="name=path inputs (analysis outputs)")
+    s.add_argument("--out-prefix", required=True)
+    s.set_defaults(fn=cmd_figure)
+
+    s = sub.add_parser("analyse", help="mechanism analyses of a finished run")
+    s.add_argument("kind", help="landscape | twirling | efficiency")
+    s.add_argument("--run", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--spec", default="{}")
+    s.set_defaults(fn=cmd_analyse)
+
+    s = sub.add_parser("model-info", help="parameter counts of every model size")
+    s.add_argument("--model", default=None)
+    s.set_defaults(fn=cmd_model_info)
+
+    s = sub.add_parser("validate-config", help="validate a config file against the schema")
+    s.add_argument("config")
+    s.set_defaults(fn=cmd_validate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        print(f"equipipe {args.command}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,474 @@
+"""One training loop for every task, with equivariance evaluation during training.
+
+The run writes its declared outputs (metrics.parquet, run.json, model.pt, early.pt) only at
+the end. Checkpoints and the partial metric table live in the UNDECLARED ``work/`` folder of
+the run directory, because Snakemake deletes declared outputs of failed jobs: a rerun after
+SIGKILL, SIGTERM or a crash finds ``work/`` and continues where the last checkpoint left off,
+with the same data order and the same evaluation rotations, so its metric table equals an
+uninterrupted run's (wall-clock columns aside).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+from torch import nn
+
+from equipipe.equivariance import Decomposition, decompose, gradient_norms, head_deviation
+from equipipe.loader import RunData, step_generator
+from equipipe.so3 import haar_rotations
+from equipipe.tasks import make_task
+from equipipe.tasks.base import Batch, Task, to_device
+
+METRIC_SCHEMA = {
+    "step": pl.Int64,
+    "epoch": pl.Float64,
+    "wall_s": pl.Float64,
+    "split": pl.String,
+    "metric": pl.String,
+    "field": pl.String,
+    "t": pl.Float64,
+    "value": pl.Float64,
+    "n_elements": pl.Int64,
+    "unit": pl.String,
+}
+
+
+@dataclass
+class TrainConfig:
+    """Training recipe (the ``train`` block of a task or experiment in the config)."""
+
+    steps: int = 1000
+    batch_size: int = 16
+    optimizer: str = "adamw"  # adamw | adam | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.0
+    schedule: str = "constant"  # constant | cosine
+    warmup_steps: int = 0
+    lr_floor: float = 0.5  # cosine floor as a fraction of the peak lr
+    grad_clip: float | None = None
+    ema: float | None = 0.999
+    ema_warmup: bool = True
+    augment_prob: float = 0.0
+    accumulate: int = 1
+    threads: int = 1
+    device: str = "auto"  # auto | cpu | cuda
+    bf16: bool = True  # autocast on CUDA only
+    compile: bool = False
+    checkpoint_every: int = 200
+    analysis_step: int = 500
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown train keys {sorted(unknown)}; allowed: {sorted(known)}")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation settings (the ``eval`` block)."""
+
+    every: int = 100
+    early: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000])
+    k: int = 10
+    examples: int = 64
+    batch_size: int = 16
+    split: str = "val"
+    grad_norm_batches: int = 1
+    device_strategy: str = "auto"
+    seed: int = 12345
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EvalConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown eval keys {sorted(unknown)}; allowed: {sorted(known)}")
+        return cls(**d)
+
+
+def eval_steps(total: int, every: int, early: list[int]) -> list[int]:
+    """Step 0, the log-spaced early steps below ``every``, then every ``every``, and the end."""
+    steps = {0, total} | {s for s in early if s < min(every, total)}
+    steps |= set(range(every, total + 1, every))
+    return sorted(steps)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of step ``step``: linear warm-up, then constant or cosine to the floor."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "cosine":
+        span = max(cfg.steps - cfg.warmup_steps, 1)
+        frac = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+        floor = cfg.lr_floor * cfg.lr
+        return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * frac))
+    raise ValueError(f"schedule={cfg.schedule!r}; allowed: 'constant', 'cosine'")
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optimizer={cfg.optimizer!r}; allowed: 'adamw', 'adam', 'sgd'")
+
+
+class EMA:
+    """Exponential moving average of the weights, with the usual warm-up (1+n)/(10+n)."""
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
+        self.decay, self.warmup, self.updates = decay, warmup, 0
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
+        for e, p in zip(self.model.state_dict().values(), model.state_dict().values()):
+            if e.dtype.is_floating_point:
+                e.mul_(d).add_(p.detach(), alpha=1 - d)
+            else:
+                e.copy_(p)
+
+
+def choose_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def augment_rotations(task: Task, batch: Batch, prob: float, generator: torch.Generator) -> Batch:
+    """Rotate each example by a Haar rotation with probability ``prob`` (identity otherwise)."""
+    B = task.num_examples(batch)
+    R = haar_rotations(B, generator)
+    keep = torch.rand(B, generator=generator) >= prob
+    R[keep] = torch.eye(3)
+    device = next(iter(batch.values())).device
+    return task.rotate(batch, R.to(device))
+
+
+class Stop(Exception):
+    """Raised inside the loop when SIGTERM/SIGUSR1 asked the run to checkpoint and stop."""
+
+
+class Trainer:
+    def __init__(self, spec: dict[str, Any], store_dir: Path, split_file: Path, subset_file: Path, out_dir: Path):
+        self.spec = spec
+        self.paths = {"store": str(store_dir), "split": str(split_file), "subset": str(subset_file)}
+        self.out = Path(out_dir)
+        self.work = self.out / "work"
+        self.tcfg = TrainConfig.from_dict(spec.get("train", {}))
+        self.ecfg = EvalConfig.from_dict(spec.get("eval", {}))
+        self.seed = int(spec.get("seed", 0))
+        torch.set_num_threads(self.tcfg.threads)
+        torch.manual_seed(self.seed)
+        self.device = choose_device(self.tcfg.device)
+        self.task: Task = make_task(spec["task"], spec.get("task_cfg", {}))
+        self.data = RunData.open(
+            store_dir, split_file, subset_file, self.tcfg.batch_size, self.seed,
+            self.ecfg.split, self.ecfg.examples,
+        )  # fmt: skip
+        self.task_state = self.task.fit(self.data.train_sample(20000))
+        self.model = self.task.build_model(spec["size"]).to(self.device)
+        self.params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.opt = make_optimizer(self.model.parameters(), self.tcfg)
+        self.ema = EMA(self.model, self.tcfg.ema, self.tcfg.ema_warmup) if self.tcfg.ema else None
+        self.val = [to_device(b, self.device) for b in self.data.val_batches(self.task, self.ecfg.batch_size)]
+        self.rows: list[dict[str, Any]] = []
+        self.step = 0
+        self.train_seconds = 0.0
+        self.wall0 = time.perf_counter()
+        self.wall_offset = 0.0
+        self._stop_signal: int | None = None
+        self.forward_model = torch.compile(self.model) if self.tcfg.compile else self.model
+
+    # --- checkpointing --------------------------------------------------------------
+
+    def spec_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.spec, sort_keys=True).encode()).hexdigest()[:16]
+
+    def save_checkpoint(self) -> None:
+        self.work.mkdir(parents=True, exist_ok=True)
+        state = {
+            "spec_hash": self.spec_hash(),
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "opt": self.opt.state_dict(),
+            "ema": self.ema.model.state_dict() if self.ema else None,
+            "ema_updates": self.ema.updates if self.ema else 0,
+            "train_seconds": self.train_seconds,
+            "wall": self.wall_offset + time.perf_counter() - self.wall0,
+        }
+        tmp = self.work / "ckpt.pt.tmp"
+        torch.save(state, tmp)
+        pl.DataFrame(self.rows, schema=METRIC_SCHEMA).write_parquet(self.work / "metrics.partial.parquet")
+        os.replace(tmp, self.work / "ckpt.pt")
+
+    def try_resume(self) -> bool:
+        ckpt = self.work / "ckpt.pt"
+        if not ckpt.exists():
+            return False
+        state = torch.load(ckpt, map_location=self.device, weights_only=True)
+        if state["spec_hash"] != self.spec_hash():
+            print(f"[train] {ckpt} belongs to another configuration; starting afresh", file=sys.stderr)
+            shutil.rmtree(self.work)
+            return False
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        if self.ema and state["ema"] is not None:
+            self.ema.model.load_state_dict(state["ema"])
+            self.ema.updates = state["ema_updates"]
+        self.step = int(state["step"])
+        self.train_seconds = float(state["train_seconds"])
+        self.wall_offset = float(state["wall"])
+        self.rows = pl.read_parquet(self.work / "metrics.partial.parquet").to_dicts()
+        print(f"[train] resumed from step {self.step} ({ckpt})", file=sys.stderr)
+        return True
+
+    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
+        self._stop_signal = signum
+
+    # --- evaluation -----------------------------------------------------------------
+
+    def _row(self, split: str, metric: str, value: float, field: str | None = None,
+             t: float | None = None, n: int | None = None, unit: str | None = None) -> None:  # fmt: skip
+        self.rows.append({
+            "step": self.step, "epoch": self.step / self.data.steps_per_epoch,
+            "wall_s": self.wall_offset + time.perf_counter() - self.wall0, "split": split,
+            "metric": metric, "field": field, "t": t, "value": float(value), "n_elements": n,
+            "unit": unit,
+        })  # fmt: skip
+
+    def _log_decomposition(self, split: str, f: str, t: float | None, d: Decomposition) -> None:
+        unit = self.task.units.get(f)
+        for name, v in d.per_element().items():
+            self._row(split, name, v, f, t, d.n_elements, unit)
+        self._row(split, "k", d.k, f, t, d.n_elements)
+        self._row(split, "pct", d.pct, f, t, d.n_elements, "fraction")
+        self._row(split, "total_se", d.standard_error("total"), f, t, d.n_elements, unit)
+        self._row(split, "equiv_se", d.standard_error("equiv_unbiased"), f, t, d.n_elements, unit)
+
+    @staticmethod
+    def _split_and_t(labels: dict, base: str = "val") -> tuple[str, float | None]:
+        split = base + (f"_{labels['mode']}" if "mode" in labels else "")
+        t = labels.get("t")
+        return split, (float(t) if t is not None else None)
+
+    def evaluate(self) -> None:
+        model = self.model
+        was_training = model.training
+        model.eval()
+        gen = torch.Generator().manual_seed(self.ecfg.seed)
+        decs: dict[tuple[str, float | None, str], Decomposition] = {}
+        acc: dict[tuple[str, float | None, str], list[tuple[float, int, str]]] = {}
+        ema_acc: dict[tuple[str, float | None, str], list[tuple[float, int, str]]] = {}
+        grad_rows: dict[tuple[str, float | None, str], list[float]] = {}
+        for bi, batch in enumerate(self.val):
+            for labels, view in self.task.eval_views(batch, gen):
+                split, t = self._split_and_t(labels)
+                rotation_set = getattr(self.task, "rotation_set", None)
+                rotations = rotation_set(labels) if rotation_set else None
+                for f, d in decompose(model, self.task, view, self.ecfg.k, gen, self.ecfg.device_strategy, rotations).items():
+                    key = (split, t, f)
+                    decs[key] = decs[key] + d if key in decs else d
+                B = self.task.num_examples(view)
+                with torch.no_grad():
+                    for name, (v, unit) in self.task.accuracy(self.task.predict(model, view), view).items():
+                        acc.setdefault((split, t, name), []).append((v, B, unit))
+                    if self.ema:
+                        for name, (v, unit) in self.task.accuracy(self.task.predict(self.ema.model, view), view).items():
+                            ema_acc.setdefault(("val_ema", t, name), []).append((v, B, unit))
+                if bi < self.ecfg.grad_norm_batches and rotations is None:
+                    ggen = step_generator(self.ecfg.seed, bi, 7)
+                    for name, v in gradient_norms(model, self.task, view, self.ecfg.k, ggen, device_strategy=self.ecfg.device_strategy).items():
+                        grad_rows.setdefault((split, t, name), []).append(v)
+        for (split, t, f), d in decs.items():
+            self._log_decomposition(split, f, t, d)
+        for table in (acc, ema_acc):
+            for (split, t, name), vals in table.items():
+                n = sum(b for _, b, _ in vals)
+                self._row(split, name, sum(v * b for v, b, _ in vals) / n, None, t, n, vals[0][2])
+        for (split, t, name), vals in grad_rows.items():
+            self._row(split, name, sum(vals) / len(vals), self.task.primary_field, t)
+        head = getattr(getattr(model, "force_head", None), "linear", None)
+        if head is not None:
+            self._row("val", "head_deviation", head_deviation(head.weight))
+        if self.step == 0 and hasattr(self.task, "interpolation_floor"):
+            for labels, value in self.task.interpolation_floor(self.val, self.ecfg.k, torch.Generator().manual_seed(self.ecfg.seed)):
+                split, t = self._split_and_t(labels)
+                for name, v in value.items():
+                    self._row(split, name, v, self.task.primary_field, t)
+        model.train(was_training)
+
+    # --- training -------------------------------------------------------------------
+
+    def train_step(self) -> float:
+        cfg = self.tcfg
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.step, cfg)
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(cfg.accumulate):
+            gen = step_generator(self.seed, self.step, micro)
+            batch = to_device(self.task.collate(self.data.train_examples(self.step * cfg.accumulate + micro)), self.device)
+            if cfg.augment_prob > 0:
+                batch = augment_rotations(self.task, batch, cfg.augment_prob, gen)
+            batch = self.task.augment(batch, gen)
+            use_bf16 = cfg.bf16 and self.device.type == "cuda"
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                batch = self.task.prepare_train(self.forward_model, batch, gen)
+                loss = self.task.loss(self.task.predict(self.forward_model, batch), batch) / cfg.accumulate
+            if not torch.isfinite(loss):
+                self.save_checkpoint()
+                raise FloatingPointError(
+                    f"non-finite training loss {loss.item()} at step {self.step}; checkpoint saved "
+                    f"in {self.work}. Lower the learning rate or enable grad_clip, then rerun."
+                )
+            loss.backward()
+            total += float(loss)
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        if self.ema:
+            self.ema.update(self.model)
+        return total
+
+    def run(self) -> None:
+        self.try_resume()
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        cfg = self.tcfg
+        evals = set(eval_steps(cfg.steps, self.ecfg.every, self.ecfg.early))
+        early_path = self.work / "early.pt"
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{self.spec.get('experiment', 'run')} seed{self.seed}",
+                       file=sys.stderr, mininterval=5, disable=None)  # fmt: skip
+            if self.step == 0 and not self.rows:
+                self.evaluate()
+            while self.step < cfg.steps:
+                if self._stop_signal is not None:
+                    raise Stop
+                t0 = time.perf_counter()
+                self.model.train()
+                loss = self.train_step()
+                self.train_seconds += time.perf_counter() - t0
+                self.step += 1
+                bar.update(1)
+                if self.step % 10 == 0 or self.step in evals:
+                    self._row("train", "train_loss", loss)
+                    self._row("train", "lr", lr_at(self.step - 1, cfg))
+                if self.step == cfg.analysis_step:
+                    self.work.mkdir(parents=True, exist_ok=True)
+                    torch.save(self.model.state_dict(), early_path)
+                if self.step in evals:
+                    self.evaluate()
+                if self.step % cfg.checkpoint_every == 0 or self.step in evals:
+                    self.save_checkpoint()
+            bar.close()
+        except Stop:
+            self.save_checkpoint()
+            print(f"[train] signal {self._stop_signal}: checkpoint at step {self.step} in {self.work}; "
+                  "rerun (snakemake --rerun-incomplete) to continue", file=sys.stderr)  # fmt: skip
+            raise SystemExit(128 + int(self._stop_signal))
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        self.finish(early_path)
+
+    def finish(self, early_path: Path) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not early_path.exists():
+            torch.save(self.model.state_dict(), early_path)
+        metrics = pl.DataFrame(self.rows, schema=METRIC_SCHEMA)
+        metrics.write_parquet(self.out / "metrics.parquet")
+        torch.save(self.model.state_dict(), self.out / "model.pt")
+        shutil.copyfile(early_path, self.out / "early.pt")
+        if self.ema:
+            torch.save(self.ema.model.state_dict(), self.out / "model_ema.pt")
+        info = run_info(self)
+        (self.out / "run.json").write_text(json.dumps(info, indent=1, default=str))
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def _git_commit() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_info(tr: Trainer) -> dict[str, Any]:
+    import numpy
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
+    for mod in ("e3nn", "polars", "rdkit", "snakemake"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - optional packages
+            pass
+    spec = tr.spec
+    return {
+        "experiment": spec.get("experiment"),
+        "seed": tr.seed,
+        "task": spec["task"],
+        "model": spec.get("model"),
+        "size": spec["size"],
+        "study_ref": spec.get("study_ref"),
+        "primary_field": tr.task.primary_field,
+        "fields": list(tr.task.fields),
+        "units": tr.task.units,
+        "n_train": tr.data.n_train,
+        "n_eval": int(len(tr.data.val_rows)),
+        "batch_size": tr.tcfg.batch_size,
+        "steps": tr.tcfg.steps,
+        "steps_per_epoch": tr.data.steps_per_epoch,
+        "params": tr.params,
+        "sec_per_step": tr.train_seconds / max(tr.tcfg.steps, 1),
+        "train_seconds": tr.train_seconds,
+        "device": str(tr.device) + (f" ({torch.cuda.get_device_name(tr.device)})" if tr.device.type == "cuda" else f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
+        "git_commit": _git_commit(),
+        "versions": versions,
+        "task_state": tr.task_state,
+        "spec": spec,
+        "data": tr.paths,
+        "train_config": asdict(tr.tcfg),
+        "eval_config": asdict(tr.ecfg),
+    }
+
+
+def train(spec: dict[str, Any], store_dir: Path, split_file: Path, subset_file: Path, out_dir: Path) -> None:
+    """Train one run (resuming from ``out_dir/work`` when a checkpoint is there)."""
+    Trainer(spec, Path(store_dir), Path(split_file), Path(subset_file), Path(out_dir)).run()

@@ -1,0 +1,21 @@
+# Mechanism analyses of one finished run: loss landscapes / Hessian conditioning, test-time twirling.
+
+
+rule analyse:
+    input:
+        unpack(analysis_inputs),
+    output:
+        directory("results/analysis/{analysis}"),
+    params:
+        kind=analysis_kind,
+        run=analysis_run,
+        spec=analysis_spec,
+    log:
+        "logs/analysis/{analysis}.log",
+    benchmark:
+        "benchmarks/analysis/{analysis}.tsv"
+    threads: 1
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "equipipe analyse {params.kind} --run {params.run} --out {output} --spec {params.spec:q} 2> {log}"

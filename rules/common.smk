@@ -1,0 +1,149 @@
+# Config validation (first thing) and input functions. Imports nothing heavy: the paper grid
+# must plan in under 5 s.
+import json
+
+from snakemake.utils import validate
+
+from equipipe import config as eqcfg
+
+
+validate(config, "../workflow/schemas/config.schema.yaml")
+eqcfg.check_config(config)
+
+RUNS = eqcfg.runs(config)
+DATASETS = sorted(config["datasets"])
+
+
+wildcard_constraints:
+    experiment="|".join(config["experiments"]),
+    dataset="|".join(DATASETS),
+    seed=r"\d+",
+
+
+def run_dir(experiment, seed):
+    return f"results/runs/{experiment}/seed{seed}"
+
+
+def run_dirs(experiments):
+    return [run_dir(e, s) for e, s in RUNS if e in experiments]
+
+
+def raw_dir(dataset):
+    return f"resources/{dataset}/{config['datasets'][dataset]['source']}"
+
+
+def preprocess_input(wildcards):
+    return raw_dir(wildcards.dataset)
+
+
+def dataset_cfg(dataset, block):
+    return json.dumps(config["datasets"].get(dataset, {}).get(block, {}), sort_keys=True)
+
+
+def download_cfg(dataset):
+    ds = config["datasets"].get(dataset, {})
+    return json.dumps({**ds.get("download", {}), "download_dir": ds.get("download_dir")}, sort_keys=True)
+
+
+def preprocess_cfg(wildcards):
+    return dataset_cfg(wildcards.dataset, "preprocess")
+
+
+def split_cfg(wildcards):
+    return dataset_cfg(wildcards.dataset, "split")
+
+
+def subset_param(wildcards):
+    s = config["datasets"][wildcards.dataset]["subsets"][wildcards.subset]
+    return {"size": s["size"], "unit": s.get("unit", "fraction")}
+
+
+def train_inputs(wildcards):
+    ds = eqcfg.dataset_of_experiment(config, wildcards.experiment)
+    subset = config["experiments"][wildcards.experiment]["subset"]
+    return {
+        "store": f"results/data/{ds}/store",
+        "split": f"results/data/{ds}/split.parquet",
+        "subset": f"results/data/{ds}/subsets/{subset}.parquet",
+    }
+
+
+def train_spec(wildcards):
+    return eqcfg.run_spec_json(config, wildcards.experiment, int(wildcards.seed))
+
+
+def train_out(wildcards):
+    return run_dir(wildcards.experiment, wildcards.seed)
+
+
+def train_gpus(wildcards):
+    return int(config["experiments"][wildcards.experiment]["resources"].get("gpu", 0))
+
+
+def train_runtime(wildcards):
+    return int(config["experiments"][wildcards.experiment]["resources"].get("runtime", 60))
+
+
+def train_mem(wildcards):
+    return int(config["experiments"][wildcards.experiment]["resources"].get("mem_mb", 4000))
+
+
+def run_files(experiments, names=("metrics.parquet", "run.json")):
+    return [f"{d}/{n}" for d in run_dirs(experiments) for n in names]
+
+
+def analysis_of(wildcards):
+    return config["analyses"][wildcards.analysis]
+
+
+def analysis_inputs(wildcards):
+    a = analysis_of(wildcards)
+    d = run_dir(a["experiment"], a["seed"])
+    return {"info": f"{d}/run.json", "weights": f"{d}/{a['checkpoint']}"}
+
+
+def analysis_run(wildcards):
+    a = analysis_of(wildcards)
+    return run_dir(a["experiment"], a["seed"])
+
+
+def analysis_kind(wildcards):
+    return analysis_of(wildcards)["kind"]
+
+
+def analysis_spec(wildcards):
+    a = analysis_of(wildcards)
+    return json.dumps({**a["spec"], "checkpoint": a["checkpoint"]}, sort_keys=True)
+
+
+def figure_of(wildcards):
+    return config["figures"][wildcards.figure]
+
+
+def figure_inputs(wildcards):
+    f = figure_of(wildcards)
+    return {
+        "runs": run_files(f["experiments"]),
+        "analyses": [f"results/analysis/{a}" for a in f["analyses"]],
+    }
+
+
+def figure_spec(wildcards):
+    return json.dumps({"name": wildcards.figure, **figure_of(wildcards)}, sort_keys=True)
+
+
+def figure_runs(wildcards):
+    return " ".join(run_dirs(figure_of(wildcards)["experiments"]))
+
+
+def figure_extra(wildcards):
+    return " ".join(f"{a}=results/analysis/{a}" for a in figure_of(wildcards)["analyses"])
+
+
+def all_targets():
+    figs = [f"results/figures/{name}.{ext}" for name in config["figures"] for ext in ("png", "pdf", "svg")]
+    return figs + [
+        "results/metrics_all.parquet",
+        "results/paper_comparison.html",
+        "results/config_used.yaml",
+    ]

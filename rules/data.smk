@@ -1,0 +1,48 @@
+# Dataset-independent steps: raw files -> store -> split -> nested subsets (id lists).
+
+
+rule preprocess:
+    input:
+        preprocess_input,
+    output:
+        directory("results/data/{dataset}/store"),
+    params:
+        cfg=preprocess_cfg,
+    log:
+        "logs/{dataset}/preprocess.log",
+    benchmark:
+        "benchmarks/{dataset}/preprocess.tsv"
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "equipipe preprocess {wildcards.dataset} --raw {input} --out {output} --cfg {params.cfg:q} 2> {log}"
+
+
+rule split:
+    input:
+        "results/data/{dataset}/store",
+    output:
+        "results/data/{dataset}/split.parquet",
+    params:
+        cfg=split_cfg,
+    log:
+        "logs/{dataset}/split.log",
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "equipipe split --store {input} --out {output} --cfg {params.cfg:q} 2> {log}"
+
+
+rule subset:
+    input:
+        "results/data/{dataset}/split.parquet",
+    output:
+        "results/data/{dataset}/subsets/{subset}.parquet",
+    params:
+        s=subset_param,
+    log:
+        "logs/{dataset}/subset_{subset}.log",
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "equipipe subset --split {input} --size {params.s[size]} --unit {params.s[unit]} --out {output} 2> {log}"

@@ -1,0 +1,34 @@
+# SPICE (force field): Zenodo HDF5 releases or the MACE-OFF23 extended-XYZ split; embedded = RDKit + GFN2-xTB
+
+
+rule build_embedded_spice:
+    output:
+        directory("resources/spice/embedded"),
+    params:
+        cfg=dataset_cfg("spice", "embedded"),
+    log:
+        "logs/spice/build_embedded.log",
+    benchmark:
+        "benchmarks/spice/build_embedded.tsv"
+    threads: 2
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "equipipe build-embedded spice --out {output} --cfg {params.cfg:q} 2> {log}"
+
+
+rule download_spice:
+    output:
+        directory("resources/spice/{source}"),
+    wildcard_constraints:
+        source="spice-2.0.1|spice-1.1.4|maceoff23",
+    params:
+        cfg=download_cfg("spice"),
+    log:
+        "logs/spice/download_{source}.log",
+    localrule: True
+    retries: 2
+    conda:
+        "../envs/data.yaml"
+    shell:
+        "equipipe download spice --source {wildcards.source} --out {output} --cfg {params.cfg:q} 2> {log}"

@@ -1,0 +1,51 @@
+# One training job per (experiment, seed). Checkpoints live in the UNDECLARED work/ folder of
+# the run, so a rerun (--rerun-incomplete, or after SIGKILL/SIGTERM) resumes instead of restarting.
+
+
+rule train:
+    input:
+        unpack(train_inputs),
+    output:
+        metrics="results/runs/{experiment}/seed{seed}/metrics.parquet",
+        info="results/runs/{experiment}/seed{seed}/run.json",
+        model="results/runs/{experiment}/seed{seed}/model.pt",
+        early="results/runs/{experiment}/seed{seed}/early.pt",
+    params:
+        spec=train_spec,
+        out=train_out,
+    log:
+        "logs/train/{experiment}/seed{seed}.log",
+    benchmark:
+        "benchmarks/train/{experiment}/seed{seed}.tsv"
+    threads: 1
+    resources:
+        gpu=train_gpus,
+        runtime=train_runtime,
+        mem_mb=train_mem,
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "equipipe train --spec {params.spec:q} --store {input.store} --split {input.split} "
+        "--subset {input.subset} --out {params.out} 2>> {log}"
+
+
+rule collect:
+    input:
+        run_files([e for e, _ in RUNS]),
+    output:
+        metrics="results/metrics_all.parquet",
+        comparison="results/paper_comparison.parquet",
+        table=report(
+            "results/paper_comparison.html",
+            caption="../workflow/report/comparison.rst",
+            category="Measured vs study",
+        ),
+    params:
+        runs=" ".join(run_dir(e, s) for e, s in RUNS),
+    log:
+        "logs/collect.log",
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "equipipe collect --runs {params.runs} --out-metrics {output.metrics} "
+        "--out-comparison {output.comparison} 2> {log}"
