@@ -45,20 +45,32 @@ def cmd_split(a) -> None:
     from equipipe.data.splits import write_split
 
     cfg = _json(a.cfg)
-    write_split(Path(a.store), Path(a.out), cfg.get("fractions", {"train": 0.8, "val": 0.1, "test": 0.1}), int(cfg.get("seed", 0)))
+    write_split(
+        Path(a.store),
+        Path(a.out),
+        cfg.get("fractions", {"train": 0.8, "val": 0.1, "test": 0.1}),
+        int(cfg.get("seed", 0)),
+    )
 
 
 def cmd_subset(a) -> None:
     from equipipe.data.splits import write_subset
 
-    write_subset(Path(a.split), Path(a.out), float(a.size) if a.unit == "fraction" else int(float(a.size)), a.unit)
+    write_subset(
+        Path(a.split),
+        Path(a.out),
+        float(a.size) if a.unit == "fraction" else int(float(a.size)),
+        a.unit,
+    )
 
 
 def cmd_train(a) -> None:
     from equipipe.gpulease import lease_gpu
 
     spec = _json(a.spec)
-    with lease_gpu(spec.get("train", {}).get("device", "auto"), Path(a.lock_dir) if a.lock_dir else None):
+    with lease_gpu(
+        spec.get("train", {}).get("device", "auto"), Path(a.lock_dir) if a.lock_dir else None
+    ):
         from equipipe.train import train
 
         train(spec, Path(a.store), Path(a.split), Path(a.subset), Path(a.out))
@@ -78,9 +90,8 @@ def cmd_collect(a) -> None:
 def cmd_figure(a) -> None:
     import polars as pl
 
-    from equipipe.figures import make_figure
-
     from equipipe.collect import load_runs, read_metrics
+    from equipipe.figures import make_figure
 
     spec = _json(a.spec)
     dirs = [Path(r) for r in a.runs or []]
@@ -96,7 +107,9 @@ def cmd_analyse(a) -> None:
 
     fn = getattr(analyses, a.kind.replace("-", "_"), None)
     if fn is None or a.kind.startswith("_"):
-        raise SystemExit(f"equipipe: unknown analysis {a.kind!r}; allowed: landscape, twirling, efficiency")
+        raise SystemExit(
+            f"equipipe: unknown analysis {a.kind!r}; allowed: landscape, twirling, efficiency"
+        )
     fn(Path(a.run), Path(a.out), _json(a.spec))
 
 
@@ -106,14 +119,18 @@ def cmd_model_info(a) -> None:
     rows = model_info_rows(a.model)
     print(f"{'model':<12} {'size':<8} {'parameters':>14} {'label':>10}  within 10%")
     for r in rows:
-        print(f"{r['model']:<12} {r['size']:<8} {r['params']:>14,} {r['label'] or '-':>10}  {r['ok']}")
+        print(
+            f"{r['model']:<12} {r['size']:<8} {r['params']:>14,} {r['label'] or '-':>10}  {r['ok']}"
+        )
 
 
 def cmd_validate(a) -> None:
     from equipipe.config import load_config
 
     cfg = load_config(Path(a.config))
-    print(f"{a.config}: valid ({len(cfg['experiments'])} experiments, {len(cfg.get('figures', {}))} figures)")
+    print(
+        f"{a.config}: valid ({len(cfg['experiments'])} experiments, {len(cfg.get('figures', {}))} figures)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,20 +142,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("build-embedded", help="build a small real dataset offline (RDKit + GFN2-xTB, MDAnalysis test chains)")
+    s = sub.add_parser(
+        "build-embedded",
+        help="build a small real dataset offline (RDKit + GFN2-xTB, MDAnalysis test chains)",
+    )
     s.add_argument("dataset", help=f"one of {', '.join(DATASETS)}")
     s.add_argument("--out", required=True, help="output folder (resources/<dataset>/embedded)")
-    s.add_argument("--cfg", default="{}", help="dataset config slice as JSON (the `embedded` block)")
+    s.add_argument(
+        "--cfg", default="{}", help="dataset config slice as JSON (the `embedded` block)"
+    )
     s.set_defaults(fn=cmd_build_embedded)
 
-    s = sub.add_parser("download", help="download a public release with resume and checksum verification")
+    s = sub.add_parser(
+        "download", help="download a public release with resume and checksum verification"
+    )
     s.add_argument("dataset")
-    s.add_argument("--source", required=True, help="e.g. spice-2.0.1, spice-1.1.4, maceoff23, wwpdb, geom-rdkit")
+    s.add_argument(
+        "--source",
+        required=True,
+        help="e.g. spice-2.0.1, spice-1.1.4, maceoff23, wwpdb, geom-rdkit",
+    )
     s.add_argument("--out", required=True)
     s.add_argument("--cfg", default="{}")
     s.set_defaults(fn=cmd_download)
 
-    s = sub.add_parser("preprocess", help="raw files -> store (memory-mapped arrays + index + quarantine)")
+    s = sub.add_parser(
+        "preprocess", help="raw files -> store (memory-mapped arrays + index + quarantine)"
+    )
     s.add_argument("dataset")
     s.add_argument("--raw", required=True)
     s.add_argument("--out", required=True)
@@ -154,20 +184,30 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("subset", help="nested training subset (id list)")
     s.add_argument("--split", required=True)
     s.add_argument("--size", required=True, help="count in --unit, or a fraction in (0, 1]")
-    s.add_argument("--unit", required=True, help="conformers | chains | molecules | examples | fraction")
+    s.add_argument(
+        "--unit", required=True, help="conformers | chains | molecules | examples | fraction"
+    )
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_subset)
 
-    s = sub.add_parser("train", help="train one run with equivariance evaluation (resumes from <out>/work)")
+    s = sub.add_parser(
+        "train", help="train one run with equivariance evaluation (resumes from <out>/work)"
+    )
     s.add_argument("--spec", required=True, help="the run's config slice as JSON")
     s.add_argument("--store", required=True)
     s.add_argument("--split", required=True)
     s.add_argument("--subset", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--lock-dir", default=os.environ.get("EQUIPIPE_GPU_LOCKS"), help="folder of GPU lease lock files (multi-GPU workstation)")
+    s.add_argument(
+        "--lock-dir",
+        default=os.environ.get("EQUIPIPE_GPU_LOCKS"),
+        help="folder of GPU lease lock files (multi-GPU workstation)",
+    )
     s.set_defaults(fn=cmd_train)
 
-    s = sub.add_parser("collect", help="stack runs into metrics_all.parquet and the measured-vs-study table")
+    s = sub.add_parser(
+        "collect", help="stack runs into metrics_all.parquet and the measured-vs-study table"
+    )
     s.add_argument("--runs", nargs="+", required=True)
     s.add_argument("--out-metrics", required=True)
     s.add_argument("--out-comparison", required=True)

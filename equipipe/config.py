@@ -40,7 +40,11 @@ def deep_merge(base: dict, override: dict) -> dict:
     """Recursive dict merge; ``override`` wins; inputs are not modified."""
     out = copy.deepcopy(base)
     for k, v in (override or {}).items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+        out[k] = (
+            deep_merge(out[k], v)
+            if isinstance(v, dict) and isinstance(out.get(k), dict)
+            else copy.deepcopy(v)
+        )
     return out
 
 
@@ -72,39 +76,61 @@ def check_config(cfg: dict) -> dict:
     for name, ds in datasets.items():
         allowed = DATASET_SOURCES.get(name)
         if allowed is None:
-            raise ConfigError(f"datasets.{name}: unknown dataset; allowed: {', '.join(DATASET_SOURCES)}")
+            raise ConfigError(
+                f"datasets.{name}: unknown dataset; allowed: {', '.join(DATASET_SOURCES)}"
+            )
         if ds["source"] not in allowed:
-            raise ConfigError(f"datasets.{name}.source: {ds['source']!r} is not allowed; allowed: {', '.join(allowed)}")
+            raise ConfigError(
+                f"datasets.{name}.source: {ds['source']!r} is not allowed; allowed: {', '.join(allowed)}"
+            )
     for name, t in tasks.items():
         if t["dataset"] not in datasets:
-            raise ConfigError(f"tasks.{name}.dataset: {t['dataset']!r} is not configured; allowed: {', '.join(datasets)}")
+            raise ConfigError(
+                f"tasks.{name}.dataset: {t['dataset']!r} is not configured; allowed: {', '.join(datasets)}"
+            )
         if name not in TASK_DATASETS and t.get("kind") not in TASK_DATASETS:
-            raise ConfigError(f"tasks.{name}: unknown task kind; set kind to one of {', '.join(TASK_DATASETS)}")
+            raise ConfigError(
+                f"tasks.{name}: unknown task kind; set kind to one of {', '.join(TASK_DATASETS)}"
+            )
     for name, e in exps.items():
         where = f"experiments.{name}"
         if e["task"] not in tasks:
-            raise ConfigError(f"{where}.task: {e['task']!r} is not configured; allowed: {', '.join(tasks)}")
+            raise ConfigError(
+                f"{where}.task: {e['task']!r} is not configured; allowed: {', '.join(tasks)}"
+            )
         t = tasks[e["task"]]
         ds = datasets[t["dataset"]]
         if e["subset"] not in ds["subsets"]:
-            raise ConfigError(f"{where}.subset: {e['subset']!r} is not a subset of {t['dataset']}; allowed: {', '.join(ds['subsets'])}")
+            raise ConfigError(
+                f"{where}.subset: {e['subset']!r} is not a subset of {t['dataset']}; allowed: {', '.join(ds['subsets'])}"
+            )
         model = e.get("model", t["model"])
         if model not in MODEL_SIZES:
-            raise ConfigError(f"{where}.model: {model!r} is unknown; allowed: {', '.join(MODEL_SIZES)}")
+            raise ConfigError(
+                f"{where}.model: {model!r} is unknown; allowed: {', '.join(MODEL_SIZES)}"
+            )
         size = e.get("size", t["size"])
         if size not in MODEL_SIZES[model]:
-            raise ConfigError(f"{where}.size: {size!r} is not a size of model {model!r}; allowed: {', '.join(MODEL_SIZES[model])}")
+            raise ConfigError(
+                f"{where}.size: {size!r} is not a size of model {model!r}; allowed: {', '.join(MODEL_SIZES[model])}"
+            )
     for name, f in cfg.get("figures", {}).items():
         for e in f.get("experiments", []):
             if e not in exps:
-                raise ConfigError(f"figures.{name}.experiments: {e!r} is not an experiment; allowed: {', '.join(exps)}")
+                raise ConfigError(
+                    f"figures.{name}.experiments: {e!r} is not an experiment; allowed: {', '.join(exps)}"
+                )
         for a in f.get("analyses", []):
             if a not in cfg.get("analyses", {}):
-                raise ConfigError(f"figures.{name}.analyses: {a!r} is not an analysis; allowed: {', '.join(cfg.get('analyses', {}))}")
+                raise ConfigError(
+                    f"figures.{name}.analyses: {a!r} is not an analysis; allowed: {', '.join(cfg.get('analyses', {}))}"
+                )
     for name, a in cfg.get("analyses", {}).items():
         for e in [a.get("experiment")] + list(a.get("experiments", [])):
             if e is not None and e not in exps:
-                raise ConfigError(f"analyses.{name}: experiment {e!r} is not configured; allowed: {', '.join(exps)}")
+                raise ConfigError(
+                    f"analyses.{name}: experiment {e!r} is not configured; allowed: {', '.join(exps)}"
+                )
     return cfg
 
 

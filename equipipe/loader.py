@@ -46,7 +46,9 @@ class RunData:
             raise ValueError(f"split {split_file} has no {eval_split!r} examples to evaluate on")
         if eval_examples:
             held = held.head(eval_examples)
-        return cls(store, store.rows(subset_ids), store.rows(held["id"].to_list()), batch_size, seed)
+        return cls(
+            store, store.rows(subset_ids), store.rows(held["id"].to_list()), batch_size, seed
+        )
 
     @property
     def n_train(self) -> int:
@@ -69,7 +71,9 @@ class RunData:
     def train_sample(self, n: int) -> list[dict]:
         """Up to n training examples (seeded) for fitting normalisation statistics."""
         rng = np.random.default_rng([self.seed, 10**6])
-        rows = self.train_rows if self.n_train <= n else rng.choice(self.train_rows, n, replace=False)
+        rows = (
+            self.train_rows if self.n_train <= n else rng.choice(self.train_rows, n, replace=False)
+        )
         return [self.store.get(int(r)) for r in rows]
 
     def val_batches(self, task: Task, batch_size: int) -> list[Batch]:

@@ -23,7 +23,9 @@ class LoadedRun:
     data: RunData
     device: torch.device
 
-    def batches(self, split: str = "val", n_examples: int | None = None, batch_size: int | None = None) -> list[Batch]:
+    def batches(
+        self, split: str = "val", n_examples: int | None = None, batch_size: int | None = None
+    ) -> list[Batch]:
         """Held-out batches in the training evaluation's fixed order (same examples by default)."""
         ecfg = self.info["eval_config"]
         data = self.data
@@ -31,7 +33,10 @@ class LoadedRun:
             p = self.info["data"]
             data = RunData.open(p["store"], p["split"], p["subset"], self.info["batch_size"],
                                 self.info["seed"], split, n_examples)  # fmt: skip
-        return [to_device(b, self.device) for b in data.val_batches(self.task, batch_size or ecfg["batch_size"])]
+        return [
+            to_device(b, self.device)
+            for b in data.val_batches(self.task, batch_size or ecfg["batch_size"])
+        ]
 
     def eval_generator(self) -> torch.Generator:
         """A generator seeded as the training evaluation's (same rotations and view noise)."""

@@ -84,7 +84,9 @@ def rotate_per_example(x: Tensor, R: Tensor, index: Tensor) -> Tensor:
     return torch.einsum("nij,nj->ni", R[index].to(x.dtype), x)
 
 
-def grid_centres(shape: tuple[int, int, int], spacing: float, dtype=torch.float32, device=None) -> Tensor:
+def grid_centres(
+    shape: tuple[int, int, int], spacing: float, dtype=torch.float32, device=None
+) -> Tensor:
     """Voxel centres (D, H, W, 3) in the grid convention of this module (units of ``spacing``)."""
     axes = [(torch.arange(s, dtype=dtype, device=device) - (s - 1) / 2) * spacing for s in shape]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
@@ -141,7 +143,9 @@ def _resample(grid: Tensor, R: Tensor, mode: str) -> Tensor:
     # Source position in index-space units: p = R^T x, x the voxel centre offsets.
     x = grid_centres((D, H, W), 1.0, dtype=grid.dtype, device=grid.device)  # (D,H,W,3) in voxels
     src = torch.einsum("bji,dhwj->bdhwi", R.to(grid.dtype), x)  # R^T x
-    half = torch.tensor([(D - 1) / 2, (H - 1) / 2, (W - 1) / 2], dtype=grid.dtype, device=grid.device)
+    half = torch.tensor(
+        [(D - 1) / 2, (H - 1) / 2, (W - 1) / 2], dtype=grid.dtype, device=grid.device
+    )
     norm = src / half.clamp(min=1e-12)  # [-1, 1] at the outer voxel centres (align_corners=True)
     # grid_sample's last coordinate indexes W, then H, then D.
     out = F.grid_sample(flat, norm.flip(-1), mode=mode, padding_mode="zeros", align_corners=True)

@@ -87,7 +87,9 @@ class StoreWriter:
 
     def quarantine(self, id: str, reason: str, **fields: Any) -> None:
         """Record a bad record with a reason (it is not added to the store)."""
-        self._bad.append({"id": str(id), "reason": str(reason), **{k: str(v) for k, v in fields.items()}})
+        self._bad.append(
+            {"id": str(id), "reason": str(reason), **{k: str(v) for k, v in fields.items()}}
+        )
 
     @property
     def n_good(self) -> int:
@@ -98,10 +100,18 @@ class StoreWriter:
             f.close()
         total = len(self._counts) + len(self._bad)
         bad_frac = len(self._bad) / total if total else 0.0
-        quarantine = pl.DataFrame(self._bad, schema_overrides={"id": pl.String, "reason": pl.String}) if self._bad else pl.DataFrame(schema={"id": pl.String, "reason": pl.String})
+        quarantine = (
+            pl.DataFrame(self._bad, schema_overrides={"id": pl.String, "reason": pl.String})
+            if self._bad
+            else pl.DataFrame(schema={"id": pl.String, "reason": pl.String})
+        )
         quarantine.write_parquet(self.tmp / "quarantine.parquet")
         if not self._counts or bad_frac > self.max_bad_fraction:
-            reasons = quarantine.group_by("reason").len().sort("len", descending=True).head(5).rows() if self._bad else []
+            reasons = (
+                quarantine.group_by("reason").len().sort("len", descending=True).head(5).rows()
+                if self._bad
+                else []
+            )
             raise TooManyBadRecords(
                 f"{len(self._bad)} of {total} records quarantined ({bad_frac:.1%}) > allowed "
                 f"max_bad_fraction={self.max_bad_fraction}; commonest reasons: {reasons}. "
@@ -115,7 +125,9 @@ class StoreWriter:
         dtypes: dict[str, Any] = {}
         for k in self.per_atom:
             dtype, tail = self._atom_meta.get(k, ("<f4", ()))
-            raw = np.fromfile(self.tmp / f"atom_{k}.bin", dtype=np.dtype(dtype)).reshape((n_rows, *tail))
+            raw = np.fromfile(self.tmp / f"atom_{k}.bin", dtype=np.dtype(dtype)).reshape(
+                (n_rows, *tail)
+            )
             np.save(self.tmp / f"atom_{k}.npy", raw)
             os.remove(self.tmp / f"atom_{k}.bin")
             dtypes[k] = [dtype, list(tail)]
@@ -156,8 +168,13 @@ class Store:
         self.meta = json.loads((self.path / "meta.json").read_text())
         self.offsets = np.load(self.path / "offsets.npy")
         self.index = pl.read_parquet(self.path / "index.parquet")
-        self.atom = {k: np.load(self.path / f"atom_{k}.npy", mmap_mode="r") for k in self.meta["per_atom"]}
-        self.example = {k: np.load(self.path / f"example_{k}.npy", mmap_mode="r") for k in self.meta["per_example"]}
+        self.atom = {
+            k: np.load(self.path / f"atom_{k}.npy", mmap_mode="r") for k in self.meta["per_atom"]
+        }
+        self.example = {
+            k: np.load(self.path / f"example_{k}.npy", mmap_mode="r")
+            for k in self.meta["per_example"]
+        }
         self._row_of = {id_: i for i, id_ in enumerate(self.index["id"].to_list())}
 
     def __len__(self) -> int:

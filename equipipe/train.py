@@ -134,11 +134,17 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(
+            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(
+            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
     raise ValueError(f"optimizer={cfg.optimizer!r}; allowed: 'adamw', 'adam', 'sgd'")
 
 
@@ -183,7 +189,14 @@ class Stop(Exception):
 
 
 class Trainer:
-    def __init__(self, spec: dict[str, Any], store_dir: Path, split_file: Path, subset_file: Path, out_dir: Path):
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        store_dir: Path,
+        split_file: Path,
+        subset_file: Path,
+        out_dir: Path,
+    ):
         self.spec = spec
         self.paths = {"store": str(store_dir), "split": str(split_file), "subset": str(subset_file)}
         self.out = Path(out_dir)
@@ -204,7 +217,10 @@ class Trainer:
         self.params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.opt = make_optimizer(self.model.parameters(), self.tcfg)
         self.ema = EMA(self.model, self.tcfg.ema, self.tcfg.ema_warmup) if self.tcfg.ema else None
-        self.val = [to_device(b, self.device) for b in self.data.val_batches(self.task, self.ecfg.batch_size)]
+        self.val = [
+            to_device(b, self.device)
+            for b in self.data.val_batches(self.task, self.ecfg.batch_size)
+        ]
         self.rows: list[dict[str, Any]] = []
         self.step = 0
         self.train_seconds = 0.0
@@ -232,7 +248,9 @@ class Trainer:
         }
         tmp = self.work / "ckpt.pt.tmp"
         torch.save(state, tmp)
-        pl.DataFrame(self.rows, schema=METRIC_SCHEMA).write_parquet(self.work / "metrics.partial.parquet")
+        pl.DataFrame(self.rows, schema=METRIC_SCHEMA).write_parquet(
+            self.work / "metrics.partial.parquet"
+        )
         os.replace(tmp, self.work / "ckpt.pt")
 
     def try_resume(self) -> bool:
@@ -241,7 +259,9 @@ class Trainer:
             return False
         state = torch.load(ckpt, map_location=self.device, weights_only=True)
         if state["spec_hash"] != self.spec_hash():
-            print(f"[train] {ckpt} belongs to another configuration; starting afresh", file=sys.stderr)
+            print(
+                f"[train] {ckpt} belongs to another configuration; starting afresh", file=sys.stderr
+            )
             shutil.rmtree(self.work)
             return False
         self.model.load_state_dict(state["model"])
@@ -299,19 +319,32 @@ class Trainer:
                 split, t = self._split_and_t(labels)
                 rotation_set = getattr(self.task, "rotation_set", None)
                 rotations = rotation_set(labels) if rotation_set else None
-                for f, d in decompose(model, self.task, view, self.ecfg.k, gen, self.ecfg.device_strategy, rotations).items():
+                for f, d in decompose(
+                    model, self.task, view, self.ecfg.k, gen, self.ecfg.device_strategy, rotations
+                ).items():
                     key = (split, t, f)
                     decs[key] = decs[key] + d if key in decs else d
                 B = self.task.num_examples(view)
                 with torch.no_grad():
-                    for name, (v, unit) in self.task.accuracy(self.task.predict(model, view), view).items():
+                    for name, (v, unit) in self.task.accuracy(
+                        self.task.predict(model, view), view
+                    ).items():
                         acc.setdefault((split, t, name), []).append((v, B, unit))
                     if self.ema:
-                        for name, (v, unit) in self.task.accuracy(self.task.predict(self.ema.model, view), view).items():
+                        for name, (v, unit) in self.task.accuracy(
+                            self.task.predict(self.ema.model, view), view
+                        ).items():
                             ema_acc.setdefault(("val_ema", t, name), []).append((v, B, unit))
                 if bi < self.ecfg.grad_norm_batches and rotations is None:
                     ggen = step_generator(self.ecfg.seed, bi, 7)
-                    for name, v in gradient_norms(model, self.task, view, self.ecfg.k, ggen, device_strategy=self.ecfg.device_strategy).items():
+                    for name, v in gradient_norms(
+                        model,
+                        self.task,
+                        view,
+                        self.ecfg.k,
+                        ggen,
+                        device_strategy=self.ecfg.device_strategy,
+                    ).items():
                         grad_rows.setdefault((split, t, name), []).append(v)
         for (split, t, f), d in decs.items():
             self._log_decomposition(split, f, t, d)
@@ -325,7 +358,9 @@ class Trainer:
         if head is not None:
             self._row("val", "head_deviation", head_deviation(head.weight))
         if self.step == 0 and hasattr(self.task, "interpolation_floor"):
-            for labels, value in self.task.interpolation_floor(self.val, self.ecfg.k, torch.Generator().manual_seed(self.ecfg.seed)):
+            for labels, value in self.task.interpolation_floor(
+                self.val, self.ecfg.k, torch.Generator().manual_seed(self.ecfg.seed)
+            ):
                 split, t = self._split_and_t(labels)
                 for name, v in value.items():
                     self._row(split, name, v, self.task.primary_field, t)
@@ -341,14 +376,20 @@ class Trainer:
         total = 0.0
         for micro in range(cfg.accumulate):
             gen = step_generator(self.seed, self.step, micro)
-            batch = to_device(self.task.collate(self.data.train_examples(self.step * cfg.accumulate + micro)), self.device)
+            batch = to_device(
+                self.task.collate(self.data.train_examples(self.step * cfg.accumulate + micro)),
+                self.device,
+            )
             if cfg.augment_prob > 0:
                 batch = augment_rotations(self.task, batch, cfg.augment_prob, gen)
             batch = self.task.augment(batch, gen)
             use_bf16 = cfg.bf16 and self.device.type == "cuda"
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                 batch = self.task.prepare_train(self.forward_model, batch, gen)
-                loss = self.task.loss(self.task.predict(self.forward_model, batch), batch) / cfg.accumulate
+                loss = (
+                    self.task.loss(self.task.predict(self.forward_model, batch), batch)
+                    / cfg.accumulate
+                )
             if not torch.isfinite(loss):
                 self.save_checkpoint()
                 raise FloatingPointError(
@@ -356,7 +397,7 @@ class Trainer:
                     f"in {self.work}. Lower the learning rate or enable grad_clip, then rerun."
                 )
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.opt.step()
@@ -401,7 +442,7 @@ class Trainer:
             self.save_checkpoint()
             print(f"[train] signal {self._stop_signal}: checkpoint at step {self.step} in {self.work}; "
                   "rerun (snakemake --rerun-incomplete) to continue", file=sys.stderr)  # fmt: skip
-            raise SystemExit(128 + int(self._stop_signal))
+            raise SystemExit(128 + int(self._stop_signal)) from None
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
@@ -425,7 +466,12 @@ class Trainer:
 def _git_commit() -> str | None:
     try:
         here = Path(__file__).resolve().parent
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -433,7 +479,11 @@ def _git_commit() -> str | None:
 def run_info(tr: Trainer) -> dict[str, Any]:
     import numpy
 
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+    }
     for mod in ("e3nn", "polars", "rdkit", "snakemake"):
         try:
             versions[mod] = __import__(mod).__version__
@@ -458,7 +508,12 @@ def run_info(tr: Trainer) -> dict[str, Any]:
         "params": tr.params,
         "sec_per_step": tr.train_seconds / max(tr.tcfg.steps, 1),
         "train_seconds": tr.train_seconds,
-        "device": str(tr.device) + (f" ({torch.cuda.get_device_name(tr.device)})" if tr.device.type == "cuda" else f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
+        "device": str(tr.device)
+        + (
+            f" ({torch.cuda.get_device_name(tr.device)})"
+            if tr.device.type == "cuda"
+            else f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        ),
         "git_commit": _git_commit(),
         "versions": versions,
         "task_state": tr.task_state,
@@ -469,6 +524,8 @@ def run_info(tr: Trainer) -> dict[str, Any]:
     }
 
 
-def train(spec: dict[str, Any], store_dir: Path, split_file: Path, subset_file: Path, out_dir: Path) -> None:
+def train(
+    spec: dict[str, Any], store_dir: Path, split_file: Path, subset_file: Path, out_dir: Path
+) -> None:
     """Train one run (resuming from ``out_dir/work`` when a checkpoint is there)."""
     Trainer(spec, Path(store_dir), Path(split_file), Path(subset_file), Path(out_dir)).run()

@@ -6,16 +6,16 @@ rule analyse:
         unpack(analysis_inputs),
     output:
         directory("results/analysis/{analysis}"),
-    params:
-        kind=analysis_kind,
-        run=analysis_run,
-        spec=analysis_spec,
     log:
         "logs/analysis/{analysis}.log",
     benchmark:
         "benchmarks/analysis/{analysis}.tsv"
-    threads: 1
     conda:
         "../envs/train.yaml"
+    threads: 1
+    params:
+        kind=analysis_kind,
+        run=analysis_run,
+        spec=analysis_spec,
     shell:
         "equipipe analyse {params.kind} --run {params.run} --out {output} --spec {params.spec:q} 2> {log}"

@@ -6,7 +6,6 @@ from snakemake.utils import validate
 
 from equipipe import config as eqcfg
 
-
 validate(config, "../workflow/schemas/config.schema.yaml")
 eqcfg.check_config(config)
 
@@ -25,7 +24,8 @@ def run_dir(experiment, seed):
 
 
 def run_dirs(experiments):
-    return [run_dir(e, s) for e, s in RUNS if e in experiments]
+    # sorted: params must not depend on the order of keys in the config file
+    return sorted(run_dir(e, s) for e, s in RUNS if e in experiments)
 
 
 def raw_dir(dataset):
@@ -37,12 +37,17 @@ def preprocess_input(wildcards):
 
 
 def dataset_cfg(dataset, block):
-    return json.dumps(config["datasets"].get(dataset, {}).get(block, {}), sort_keys=True)
+    return json.dumps(
+        config["datasets"].get(dataset, {}).get(block, {}), sort_keys=True
+    )
 
 
 def download_cfg(dataset):
     ds = config["datasets"].get(dataset, {})
-    return json.dumps({**ds.get("download", {}), "download_dir": ds.get("download_dir")}, sort_keys=True)
+    return json.dumps(
+        {**ds.get("download", {}), "download_dir": ds.get("download_dir")},
+        sort_keys=True,
+    )
 
 
 def preprocess_cfg(wildcards):
@@ -81,11 +86,15 @@ def train_gpus(wildcards):
 
 
 def train_runtime(wildcards):
-    return int(config["experiments"][wildcards.experiment]["resources"].get("runtime", 60))
+    return int(
+        config["experiments"][wildcards.experiment]["resources"].get("runtime", 60)
+    )
 
 
 def train_mem(wildcards):
-    return int(config["experiments"][wildcards.experiment]["resources"].get("mem_mb", 4000))
+    return int(
+        config["experiments"][wildcards.experiment]["resources"].get("mem_mb", 4000)
+    )
 
 
 def run_files(experiments, names=("metrics.parquet", "run.json")):
@@ -129,7 +138,9 @@ def figure_inputs(wildcards):
 
 
 def figure_spec(wildcards):
-    return json.dumps({"name": wildcards.figure, **figure_of(wildcards)}, sort_keys=True)
+    return json.dumps(
+        {"name": wildcards.figure, **figure_of(wildcards)}, sort_keys=True
+    )
 
 
 def figure_runs(wildcards):
@@ -137,11 +148,17 @@ def figure_runs(wildcards):
 
 
 def figure_extra(wildcards):
-    return " ".join(f"{a}=results/analysis/{a}" for a in figure_of(wildcards)["analyses"])
+    return " ".join(
+        f"{a}=results/analysis/{a}" for a in figure_of(wildcards)["analyses"]
+    )
 
 
 def all_targets():
-    figs = [f"results/figures/{name}.{ext}" for name in config["figures"] for ext in ("png", "pdf", "svg")]
+    figs = [
+        f"results/figures/{name}.{ext}"
+        for name in config["figures"]
+        for ext in ("png", "pdf", "svg")
+    ]
     return figs + [
         "results/metrics_all.parquet",
         "results/paper_comparison.html",

@@ -6,14 +6,14 @@ rule preprocess:
         preprocess_input,
     output:
         directory("results/data/{dataset}/store"),
-    params:
-        cfg=preprocess_cfg,
     log:
         "logs/{dataset}/preprocess.log",
     benchmark:
         "benchmarks/{dataset}/preprocess.tsv"
     conda:
         "../envs/data.yaml"
+    params:
+        cfg=preprocess_cfg,
     shell:
         "equipipe preprocess {wildcards.dataset} --raw {input} --out {output} --cfg {params.cfg:q} 2> {log}"
 
@@ -23,12 +23,12 @@ rule split:
         "results/data/{dataset}/store",
     output:
         "results/data/{dataset}/split.parquet",
-    params:
-        cfg=split_cfg,
     log:
         "logs/{dataset}/split.log",
     conda:
         "../envs/data.yaml"
+    params:
+        cfg=split_cfg,
     shell:
         "equipipe split --store {input} --out {output} --cfg {params.cfg:q} 2> {log}"
 
@@ -38,11 +38,11 @@ rule subset:
         "results/data/{dataset}/split.parquet",
     output:
         "results/data/{dataset}/subsets/{subset}.parquet",
-    params:
-        s=subset_param,
     log:
         "logs/{dataset}/subset_{subset}.log",
     conda:
         "../envs/data.yaml"
+    params:
+        s=subset_param,
     shell:
         "equipipe subset --split {input} --size {params.s[size]} --unit {params.s[unit]} --out {output} 2> {log}"

@@ -14,14 +14,14 @@ rule figure:
         ),
         pdf="results/figures/{figure}.pdf",
         svg="results/figures/{figure}.svg",
-    params:
-        spec=figure_spec,
-        runs=figure_runs,
-        extra=figure_extra,
     log:
         "logs/figures/{figure}.log",
     conda:
         "../envs/figures.yaml"
+    params:
+        spec=figure_spec,
+        runs=figure_runs,
+        extra=figure_extra,
     shell:
         "equipipe figure --spec {params.spec:q} --runs {params.runs} --extra {params.extra} "
         "--out-prefix results/figures/{wildcards.figure} 2> {log}"

@@ -4,15 +4,15 @@
 rule build_embedded_geom:
     output:
         directory("resources/geom/embedded"),
-    params:
-        cfg=dataset_cfg("geom", "embedded"),
     log:
         "logs/geom/build_embedded.log",
     benchmark:
         "benchmarks/geom/build_embedded.tsv"
-    threads: 2
     conda:
         "../envs/data.yaml"
+    threads: 2
+    params:
+        cfg=dataset_cfg("geom", "embedded"),
     shell:
         "equipipe build-embedded geom --out {output} --cfg {params.cfg:q} 2> {log}"
 
@@ -20,15 +20,15 @@ rule build_embedded_geom:
 rule download_geom:
     output:
         directory("resources/geom/{source}"),
-    wildcard_constraints:
-        source="geom-rdkit|midi",
-    params:
-        cfg=download_cfg("geom"),
     log:
         "logs/geom/download_{source}.log",
-    localrule: True
+    wildcard_constraints:
+        source="geom-rdkit|midi",
     retries: 2
+    localrule: True
     conda:
         "../envs/data.yaml"
+    params:
+        cfg=download_cfg("geom"),
     shell:
         "equipipe download geom --source {wildcards.source} --out {output} --cfg {params.cfg:q} 2> {log}"

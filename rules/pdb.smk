@@ -4,15 +4,15 @@
 rule build_embedded_pdb:
     output:
         directory("resources/pdb/embedded"),
-    params:
-        cfg=dataset_cfg("pdb", "embedded"),
     log:
         "logs/pdb/build_embedded.log",
     benchmark:
         "benchmarks/pdb/build_embedded.tsv"
-    threads: 2
     conda:
         "../envs/data.yaml"
+    threads: 2
+    params:
+        cfg=dataset_cfg("pdb", "embedded"),
     shell:
         "equipipe build-embedded pdb --out {output} --cfg {params.cfg:q} 2> {log}"
 
@@ -20,15 +20,15 @@ rule build_embedded_pdb:
 rule download_pdb:
     output:
         directory("resources/pdb/{source}"),
-    wildcard_constraints:
-        source="wwpdb",
-    params:
-        cfg=download_cfg("pdb"),
     log:
         "logs/pdb/download_{source}.log",
-    localrule: True
+    wildcard_constraints:
+        source="wwpdb",
     retries: 2
+    localrule: True
     conda:
         "../envs/data.yaml"
+    params:
+        cfg=download_cfg("pdb"),
     shell:
         "equipipe download pdb --source {wildcards.source} --out {output} --cfg {params.cfg:q} 2> {log}"

@@ -10,12 +10,12 @@ rule archive_config:
             caption="../workflow/report/config.rst",
             category="Configuration",
         ),
-    params:
-        cfg=json.dumps(config, sort_keys=True),
     log:
         "logs/archive_config.log",
     localrule: True
     conda:
         "../envs/figures.yaml"
+    params:
+        cfg=json.dumps(config, sort_keys=True),
     script:
         "../scripts/archive_config.py"

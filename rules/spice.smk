@@ -4,15 +4,15 @@
 rule build_embedded_spice:
     output:
         directory("resources/spice/embedded"),
-    params:
-        cfg=dataset_cfg("spice", "embedded"),
     log:
         "logs/spice/build_embedded.log",
     benchmark:
         "benchmarks/spice/build_embedded.tsv"
-    threads: 2
     conda:
         "../envs/data.yaml"
+    threads: 2
+    params:
+        cfg=dataset_cfg("spice", "embedded"),
     shell:
         "equipipe build-embedded spice --out {output} --cfg {params.cfg:q} 2> {log}"
 
@@ -20,15 +20,15 @@ rule build_embedded_spice:
 rule download_spice:
     output:
         directory("resources/spice/{source}"),
-    wildcard_constraints:
-        source="spice-2.0.1|spice-1.1.4|maceoff23",
-    params:
-        cfg=download_cfg("spice"),
     log:
         "logs/spice/download_{source}.log",
-    localrule: True
+    wildcard_constraints:
+        source="spice-2.0.1|spice-1.1.4|maceoff23",
     retries: 2
+    localrule: True
     conda:
         "../envs/data.yaml"
+    params:
+        cfg=download_cfg("spice"),
     shell:
         "equipipe download spice --source {wildcards.source} --out {output} --cfg {params.cfg:q} 2> {log}"

@@ -10,20 +10,20 @@ rule train:
         info="results/runs/{experiment}/seed{seed}/run.json",
         model="results/runs/{experiment}/seed{seed}/model.pt",
         early="results/runs/{experiment}/seed{seed}/early.pt",
-    params:
-        spec=train_spec,
-        out=train_out,
     log:
         "logs/train/{experiment}/seed{seed}.log",
     benchmark:
         "benchmarks/train/{experiment}/seed{seed}.tsv"
+    conda:
+        "../envs/train.yaml"
     threads: 1
     resources:
         gpu=train_gpus,
         runtime=train_runtime,
         mem_mb=train_mem,
-    conda:
-        "../envs/train.yaml"
+    params:
+        spec=train_spec,
+        out=train_out,
     shell:
         "equipipe train --spec {params.spec:q} --store {input.store} --split {input.split} "
         "--subset {input.subset} --out {params.out} 2>> {log}"
@@ -31,7 +31,7 @@ rule train:
 
 rule collect:
     input:
-        run_files([e for e, _ in RUNS]),
+        run_files(config["experiments"]),
     output:
         metrics="results/metrics_all.parquet",
         comparison="results/paper_comparison.parquet",
@@ -40,12 +40,12 @@ rule collect:
             caption="../workflow/report/comparison.rst",
             category="Measured vs study",
         ),
-    params:
-        runs=" ".join(run_dir(e, s) for e, s in RUNS),
     log:
         "logs/collect.log",
     conda:
         "../envs/train.yaml"
+    params:
+        runs=" ".join(run_dirs(config["experiments"])),
     shell:
         "equipipe collect --runs {params.runs} --out-metrics {output.metrics} "
         "--out-comparison {output.comparison} 2> {log}"

@@ -47,7 +47,9 @@ def test_decompositions_of_disjoint_batches_add():
     z = torch.randn(5, 10, 3, generator=g, dtype=torch.float64)
     y = torch.randn(10, 3, generator=g, dtype=torch.float64)
     whole = decomposition_from_predictions(z, y)
-    parts = decomposition_from_predictions(z[:, :4], y[:4]) + decomposition_from_predictions(z[:, 4:], y[4:])
+    parts = decomposition_from_predictions(z[:, :4], y[:4]) + decomposition_from_predictions(
+        z[:, 4:], y[4:]
+    )
     for name in ("total", "mean", "equiv", "equiv_unbiased", "mean_unbiased", "pct"):
         assert math.isclose(getattr(whole, name), getattr(parts, name), rel_tol=1e-12)
     assert parts.n_units == 2 and parts.n_elements == 30
@@ -79,7 +81,9 @@ def test_batched_and_sequential_agree():
     a = decompose(model, task, batch, 6, torch.Generator().manual_seed(3), "sequential")["v"]
     b = decompose(model, task, batch, 6, torch.Generator().manual_seed(3), "batched")["v"]
     assert a.equiv > 1e-3 * a.total
-    assert math.isclose(a.total, b.total, rel_tol=1e-10) and math.isclose(a.equiv, b.equiv, rel_tol=1e-10)
+    assert math.isclose(a.total, b.total, rel_tol=1e-10) and math.isclose(
+        a.equiv, b.equiv, rel_tol=1e-10
+    )
     with pytest.raises(ValueError, match="allowed"):
         decompose(model, task, batch, 6, torch.Generator(), "gpu")
 
@@ -192,4 +196,6 @@ def test_head_deviation():
 
 
 def test_decomposition_type():
-    assert isinstance(decomposition_from_predictions(torch.randn(2, 3), torch.randn(3)), Decomposition)
+    assert isinstance(
+        decomposition_from_predictions(torch.randn(2, 3), torch.randn(3)), Decomposition
+    )

@@ -23,11 +23,15 @@ def test_haar_rotations_are_proper_and_seeded():
     assert torch.allclose(torch.det(R), torch.ones(1000, dtype=torch.float64), atol=1e-12)
     again = haar_rotations(1000, torch.Generator().manual_seed(1), dtype=torch.float64)
     assert torch.equal(R, again)
-    assert not torch.equal(R, haar_rotations(1000, torch.Generator().manual_seed(2), dtype=torch.float64))
+    assert not torch.equal(
+        R, haar_rotations(1000, torch.Generator().manual_seed(2), dtype=torch.float64)
+    )
 
 
 def test_haar_angle_distribution_matches_density():
-    theta = rotation_angle(haar_rotations(20000, torch.Generator().manual_seed(0), dtype=torch.float64)).numpy()
+    theta = rotation_angle(
+        haar_rotations(20000, torch.Generator().manual_seed(0), dtype=torch.float64)
+    ).numpy()
     cdf = lambda t: (t - np.sin(t)) / math.pi  # noqa: E731 - integral of (1 - cos)/pi
     assert stats.kstest(theta, cdf).pvalue > 1e-3
     # the density integrates to one and the histogram follows it

@@ -15,7 +15,9 @@ class PairModel(nn.Module):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.w = nn.Parameter(torch.randn(8, generator=g, dtype=dtype))
-        self.A = None if equivariant else nn.Parameter(0.3 * torch.randn(3, 3, generator=g, dtype=dtype))
+        self.A = (
+            None if equivariant else nn.Parameter(0.3 * torch.randn(3, 3, generator=g, dtype=dtype))
+        )
 
     def forward(self, batch):
         x = batch["x"]  # (B, P, 3)
@@ -47,8 +49,11 @@ class ToyTask:
         return {"v": batch["y"], "s": batch["ys"]}
 
     def rotate(self, batch, R):
-        return {**batch, "x": torch.einsum("bij,bpj->bpi", R.to(batch["x"].dtype), batch["x"]),
-                "y": torch.einsum("bij,bpj->bpi", R.to(batch["y"].dtype), batch["y"])}
+        return {
+            **batch,
+            "x": torch.einsum("bij,bpj->bpi", R.to(batch["x"].dtype), batch["x"]),
+            "y": torch.einsum("bij,bpj->bpi", R.to(batch["y"].dtype), batch["y"]),
+        }
 
     def canonicalize(self, pred, R):
         return {"v": torch.einsum("bji,bpj->bpi", R.to(pred["v"].dtype), pred["v"]), "s": pred["s"]}

@@ -60,7 +60,9 @@ def make_split(index: pl.DataFrame, fractions: dict[str, float], seed: int) -> p
     mapping = assign_splits(index["key"].cast(pl.String).to_list(), fractions, seed)
     df = index.select("id", pl.col("key").cast(pl.String), "n_atoms").with_columns(
         pl.col("key").replace_strict(mapping, return_dtype=pl.String).alias("split"),
-        pl.col("id").map_elements(lambda s: stable_hash(s, seed + 1), return_dtype=pl.Float64).alias("rank"),
+        pl.col("id")
+        .map_elements(lambda s: stable_hash(s, seed + 1), return_dtype=pl.Float64)
+        .alias("rank"),
     )
     return df.sort("rank")
 

@@ -1,0 +1,318 @@
+"""Voxel denoising (VoxMol on GEOM-drugs): density grids rotate as scalar fields.
+
+A batch holds ATOMS, not grids — grids are made on the batch's device inside ``predict`` and
+``target`` (``equipipe.voxel.voxelize``), so a rotation acts exactly on the coordinates:
+
+- ``pos`` (N, 3) float32 Å in the grid frame (the store centres each conformer on its
+  centroid), ``z`` (N,) int64, ``channel`` (N,) int64 element channel (C H O N F S Cl Br;
+  -1 = none), ``batch`` (N,) int64, ``n_atoms`` (B,) int64;
+- per example: ``noise_seed`` (B,) int64 — the noise is a pure function of it
+  (``equipipe.voxel.seeded_noise``), never a stored grid; ``noise_rot`` (B, 3, 3), the rotation
+  applied to the example so far; ``noise_fixed`` (B,) bool — True for evaluation views, whose
+  noise is moved with the example (exactly permuted for octahedral R, nearest-neighbour
+  resampled otherwise); False in training, where the noise is fresh and stays unrotated;
+  ``ball_mask`` (B,) bool — the Haar view's metric is masked to the inscribed ball.
+
+Model input = clean grid + ``noise_sigma`` · noise; target = clean grid; loss = MSE. The
+decomposed field is ``density`` (B, 8, G, G, G) with per-voxel squared error (dimensionless
+density, unit "density^2"); accuracy ``denoise_mse`` is its mean over all voxels.
+
+Evaluation views (``eval_modes``, both by default, each its own labelled decomposition):
+
+- ``{"mode": "octahedral"}``: ``rotation_set`` gives the 24 octahedral rotations (the
+  integrator runs them exhaustively). Inputs (coordinates voxelised on the symmetric lattice),
+  noise and outputs are exact voxel permutations, so only the model is measured.
+- ``{"mode": "haar"}``: ``rotation_set`` gives None (the integrator draws K Haar rotations).
+  Clean input = voxelised rotated coordinates (exact); the fixed noise moved by nearest
+  neighbour; outputs canonicalised by trilinear ``rotate_grid(pred, R^T)``; metric masked to
+  the inscribed ball (``element_mask``). ``interpolation_floor`` measures the same
+  decomposition for an isotropic Gaussian blur of the noisy input — exactly equivariant in the
+  continuum, so its value is the resampling error alone; log it beside the model's.
+
+Config keys (``DEFAULTS``): ``model`` / ``model_overrides`` (registry), ``grid_size`` (32),
+``grid_spacing`` (0.5 Å; the study: 64 at 0.25), ``atom_radius`` (0.5 Å), ``density_form``
+(``voxmol`` | ``gaussian``, see ``equipipe.voxel``), ``noise_sigma`` (0.9), ``max_shift``
+(0.5 Å, the ``augment`` shift), ``eval_modes`` (["octahedral", "haar"]), ``floor_blur_sigma``
+(0.5 Å, the blur of the interpolation floor), ``floor_k`` (4).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from equipipe.so3 import haar_rotations, octahedral_rotations, rotate_grid
+from equipipe.tasks.base import Batch
+from equipipe.voxel import (
+    ATOMIC_NUMBERS,
+    FORMS,
+    ball_mask,
+    channel_of,
+    gaussian_blur,
+    seeded_noise,
+    voxelize,
+)
+
+DEFAULTS: dict[str, Any] = {
+    "model": "voxmol",
+    "model_overrides": {},
+    "grid_size": 32,
+    "grid_spacing": 0.5,
+    "atom_radius": 0.5,
+    "density_form": "voxmol",
+    "noise_sigma": 0.9,
+    "max_shift": 0.5,
+    "eval_modes": ["octahedral", "haar"],
+    "floor_blur_sigma": 0.5,
+    "floor_k": 4,
+}
+EVAL_MODES = ("octahedral", "haar")
+N_CHANNELS = len(ATOMIC_NUMBERS)
+_PER_EXAMPLE = ("n_atoms", "noise_seed", "noise_rot", "noise_fixed", "ball_mask")
+
+
+class DenoisingTask:
+    name = "denoising"
+    fields = ("density",)
+    units = {"density": "density^2"}
+    primary_field = "density"
+
+    def __init__(self, cfg: dict[str, Any] | None = None):
+        cfg = {**DEFAULTS, **(cfg or {})}
+        modes = list(cfg["eval_modes"])
+        bad = [m for m in modes if m not in EVAL_MODES]
+        if bad or not modes:
+            raise ValueError(f"eval_modes {modes!r} is invalid; allowed values: {list(EVAL_MODES)}")
+        if cfg["density_form"] not in FORMS:
+            raise ValueError(
+                f"density_form {cfg['density_form']!r} is unknown; allowed: {list(FORMS)}"
+            )
+        G = int(cfg["grid_size"])
+        if G < 8 or G % 8:
+            raise ValueError(f"grid_size {G} must be a multiple of 8 (three 2x downsamplings)")
+        for key in ("grid_spacing", "atom_radius", "noise_sigma"):
+            if float(cfg[key]) <= 0:
+                raise ValueError(f"{key} must be > 0, got {cfg[key]!r}")
+        if float(cfg["max_shift"]) < 0 or int(cfg["floor_k"]) < 2:
+            raise ValueError("max_shift must be >= 0 and floor_k >= 2")
+        self.cfg = cfg
+        self.grid_size = G
+        self.spacing = float(cfg["grid_spacing"])
+        self.sigma = float(cfg["noise_sigma"])
+        self._warned = False
+
+    # --- model ---------------------------------------------------------------------------
+
+    def build_model(self, size: str) -> nn.Module:
+        from equipipe.models.registry import build_model
+
+        return build_model(self.cfg["model"], size, **self.cfg["model_overrides"])
+
+    def voxelize(self, batch: Batch) -> Tensor:
+        """Clean density grids (B, 8, G, G, G) of the batch's atoms, on its device."""
+        return voxelize(
+            batch["pos"],
+            batch["channel"],
+            batch["batch"],
+            self.num_examples(batch),
+            self.grid_size,
+            self.spacing,
+            radius=float(self.cfg["atom_radius"]),
+            n_channels=N_CHANNELS,
+            form=self.cfg["density_form"],
+        )
+
+    def noise(self, batch: Batch) -> Tensor:
+        """Unit-variance noise (B, 8, G, G, G) from the per-example seeds (module docstring)."""
+        fixed = batch["noise_fixed"]
+        rot = None
+        if bool(fixed.any()):
+            eye = torch.eye(3, dtype=batch["noise_rot"].dtype, device=fixed.device)
+            rot = torch.where(fixed[:, None, None], batch["noise_rot"], eye)
+        return seeded_noise(
+            batch["noise_seed"], N_CHANNELS, self.grid_size, rot, device=batch["pos"].device
+        )
+
+    def model_input(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """(noisy input, clean grid)."""
+        clean = self.voxelize(batch)
+        return clean + self.sigma * self.noise(batch), clean
+
+    def predict(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
+        """Denoised grid ``density``; ``clean`` rides along for the loss (dropped by canonicalize)."""
+        noisy, clean = self.model_input(batch)
+        return {"density": model(noisy), "clean": clean}
+
+    def loss(self, pred: dict[str, Tensor], batch: Batch) -> Tensor:
+        clean = pred["clean"] if "clean" in pred else self.voxelize(batch)
+        return F.mse_loss(pred["density"].float(), clean)
+
+    def target(self, batch: Batch) -> dict[str, Tensor]:
+        return {"density": self.voxelize(batch)}
+
+    # --- group action --------------------------------------------------------------------
+
+    def rotate(self, batch: Batch, R: Tensor) -> Batch:
+        """Atoms of example b by R[b] about the grid centre; its noise orientation composed."""
+        R = R.to(batch["pos"])
+        if R.dim() == 2:
+            R = R.expand(self.num_examples(batch), 3, 3)
+        out = dict(batch)
+        out["pos"] = torch.einsum("nij,nj->ni", R[batch["batch"]], batch["pos"])
+        out["noise_rot"] = R.to(batch["noise_rot"]) @ batch["noise_rot"]
+        return out
+
+    def canonicalize(self, pred: dict[str, Tensor], R: Tensor) -> dict[str, Tensor]:
+        """Grid of example b resampled by R[b]^T (exact permutation when octahedral)."""
+        d = pred["density"].float()  # resample in float32 even under bf16 autocast
+        R = R.to(device=d.device, dtype=d.dtype)
+        if R.dim() == 2:
+            R = R.expand(d.shape[0], 3, 3)
+        return {"density": rotate_grid(d, R.transpose(-1, -2), mode="bilinear")}
+
+    def repeat(self, batch: Batch, k: int) -> Batch:
+        """k copies, copy-major: copy c of example b is example c * B + b."""
+        B = self.num_examples(batch)
+        out = {key: torch.cat([value] * k) for key, value in batch.items()}
+        offsets = torch.arange(k, device=batch["batch"].device) * B
+        out["batch"] = (batch["batch"][None, :] + offsets[:, None]).reshape(-1)
+        return out
+
+    def num_examples(self, batch: Batch) -> int:
+        return int(batch["n_atoms"].shape[0])
+
+    def rotation_set(self, labels: dict) -> Tensor | None:
+        """The finite group a view is evaluated over exhaustively, or None for Haar draws."""
+        return octahedral_rotations() if labels.get("mode") == "octahedral" else None
+
+    # --- data ----------------------------------------------------------------------------
+
+    def fit(self, train_examples: list[dict[str, Any]]) -> dict[str, Any]:
+        """No normalisation (densities are in [0, 1]); records the training composition."""
+        counts = np.zeros(N_CHANNELS, dtype=np.int64)
+        for ex in train_examples:
+            ch = channel_of(torch.as_tensor(np.asarray(ex["z"]), dtype=torch.int64)).numpy()
+            counts += np.bincount(ch[ch >= 0], minlength=N_CHANNELS)
+        return {"channel_atoms": counts.tolist()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def collate(self, examples: list[dict[str, Any]]) -> Batch:
+        if not examples:
+            raise ValueError("collate needs at least one example")
+        pos = torch.as_tensor(np.concatenate([np.asarray(e["pos"], np.float32) for e in examples]))
+        z = torch.as_tensor(np.concatenate([np.asarray(e["z"]).astype(np.int64) for e in examples]))
+        n = torch.tensor([len(e["z"]) for e in examples], dtype=torch.int64)
+        channel = channel_of(z)
+        if bool((channel < 0).any()) and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"atoms with elements {sorted(set(z[channel < 0].tolist()))} have no density "
+                "channel and are left out of the grids (the GEOM store filters them)",
+                stacklevel=2,
+            )
+        B = len(examples)
+        return {
+            "pos": pos,
+            "z": z,
+            "channel": channel,
+            "batch": torch.repeat_interleave(torch.arange(B), n),
+            "n_atoms": n,
+            "noise_seed": torch.zeros(B, dtype=torch.int64),
+            "noise_rot": torch.eye(3).repeat(B, 1, 1),
+            "noise_fixed": torch.zeros(B, dtype=torch.bool),
+            "ball_mask": torch.zeros(B, dtype=torch.bool),
+        }
+
+    def _with_noise(self, batch: Batch, seeds: Tensor, fixed: bool, ball: bool) -> Batch:
+        B = self.num_examples(batch)
+        dev = batch["pos"].device
+        out = dict(batch)
+        out["noise_seed"] = seeds.to(dev)
+        out["noise_rot"] = torch.eye(3, device=dev).repeat(B, 1, 1)
+        out["noise_fixed"] = torch.full((B,), fixed, dtype=torch.bool, device=dev)
+        out["ball_mask"] = torch.full((B,), ball, dtype=torch.bool, device=dev)
+        return out
+
+    def prepare_train(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> Batch:
+        """Fresh noise seeds (unrotated noise: it is i.i.d., its orientation is irrelevant)."""
+        seeds = torch.randint(0, 2**62, (self.num_examples(batch),), generator=generator)
+        return self._with_noise(batch, seeds, fixed=False, ball=False)
+
+    def eval_views(self, batch: Batch, generator: torch.Generator) -> list[tuple[dict, Batch]]:
+        """One view per ``eval_modes`` entry; the noise seeds are drawn once, shared by both."""
+        seeds = torch.randint(0, 2**62, (self.num_examples(batch),), generator=generator)
+        return [
+            ({"mode": m}, self._with_noise(batch, seeds, fixed=True, ball=(m == "haar")))
+            for m in self.cfg["eval_modes"]
+        ]
+
+    def element_mask(self, batch: Batch) -> dict[str, Tensor] | None:
+        """Haar views: voxels inside the inscribed ball; other examples: every voxel."""
+        flag = batch.get("ball_mask")
+        if flag is None or not bool(flag.any()):
+            return None
+        G = self.grid_size
+        ball = ball_mask(G, device=flag.device)
+        mask = ball[None] | ~flag[:, None, None, None]  # (B, G, G, G)
+        return {"density": mask[:, None].expand(-1, N_CHANNELS, -1, -1, -1).clone()}
+
+    def accuracy(self, pred: dict[str, Tensor], batch: Batch) -> dict[str, tuple[float, str]]:
+        clean = pred["clean"] if "clean" in pred else self.voxelize(batch)
+        mse = F.mse_loss(pred["density"].detach().float(), clean.detach())
+        return {"denoise_mse": (float(mse), "density^2")}
+
+    def augment(self, batch: Batch, generator: torch.Generator) -> Batch:
+        """Shift every example by a random vector, uniform in the ball of radius ``max_shift``."""
+        r = float(self.cfg["max_shift"])
+        if r <= 0:
+            return batch
+        B = self.num_examples(batch)
+        d = torch.randn(B, 3, generator=generator)
+        d = d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        shift = d * r * torch.rand(B, 1, generator=generator).pow(1 / 3)
+        out = dict(batch)
+        out["pos"] = batch["pos"] + shift.to(batch["pos"])[batch["batch"]]
+        return out
+
+    # --- the interpolation floor -----------------------------------------------------------
+
+    def blur(self, grid: Tensor) -> Tensor:
+        """The reference 'model' of the floor: isotropic Gaussian blur (floor_blur_sigma Å)."""
+        return gaussian_blur(grid, float(self.cfg["floor_blur_sigma"]) / self.spacing)
+
+    def interpolation_floor(
+        self, batch: Batch, generator: torch.Generator | None, k: int | None = None
+    ) -> dict[str, Any]:
+        """Haar-mode decomposition of an isotropic blur of the noisy input (the resampling floor).
+
+        The blur commutes with every rotation in the continuum, so whatever equivariance error
+        it shows comes from nearest-neighbour noise resampling and trilinear canonicalisation.
+        Uses ``batch``'s fixed noise (pass the Haar view), K Haar rotations per example drawn
+        from ``generator``, and the inscribed-ball mask.
+
+        Returns:
+            {"density": Decomposition} (``equipipe.equivariance``).
+        """
+        from equipipe.equivariance import decomposition_from_predictions
+
+        k = int(k or self.cfg["floor_k"])
+        B = self.num_examples(batch)
+        batch = dict(batch)
+        batch["noise_fixed"] = torch.ones_like(batch["noise_fixed"])
+        batch["ball_mask"] = torch.ones_like(batch["ball_mask"])
+        R = haar_rotations(k * B, generator).reshape(k, B, 3, 3).to(batch["pos"].device)
+        with torch.no_grad():
+            zs = []
+            for i in range(k):
+                noisy, _ = self.model_input(self.rotate(batch, R[i]))
+                zs.append(self.canonicalize({"density": self.blur(noisy)}, R[i])["density"])
+            y = self.target(batch)["density"]
+        mask = self.element_mask(batch)["density"]
+        return {"density": decomposition_from_predictions(torch.stack(zs), y, mask=mask)}

@@ -1,0 +1,92 @@
+import numpy as np
+import polars as pl
+import pytest
+
+from equipipe.data.splits import assign_splits, make_split, make_subset, subset_size
+from equipipe.store import Store, StoreWriter, TooManyBadRecords
+
+
+def _write(path, n=10, bad=0, max_bad=0.5):
+    rng = np.random.default_rng(0)
+    with StoreWriter(
+        path, per_atom=["pos", "z"], per_example=["energy"], max_bad_fraction=max_bad
+    ) as w:
+        for i in range(n):
+            k = 3 + i % 4
+            w.add(f"m{i // 2}/{i}", f"m{i // 2}", {"pos": rng.normal(size=(k, 3)).astype(np.float32),
+                  "z": np.full(k, 6, np.int16), "energy": np.float64(i)}, source="test")  # fmt: skip
+        for j in range(bad):
+            w.quarantine(f"bad{j}", "non-finite energy", source="test")
+    return Store(path)
+
+
+def test_store_roundtrip_memmap_and_index(tmp_path):
+    s = _write(tmp_path / "store", bad=2)
+    assert len(s) == 10
+    assert isinstance(s.atom["pos"], np.memmap)
+    ex = s.get(3)
+    assert ex["pos"].shape == (6, 3) and ex["z"].dtype == np.int16 and float(ex["energy"]) == 3.0
+    assert s.index.columns[:3] == ["id", "key", "n_atoms"] and s.index["source"][0] == "test"
+    assert s.quarantine.height == 2 and s.quarantine["reason"][0] == "non-finite energy"
+    got = s.load(["m1/3", "m0/0"])
+    assert float(got[0]["energy"]) == 3.0 and float(got[1]["energy"]) == 0.0
+    with pytest.raises(KeyError, match="nope"):
+        s.rows(["nope"])
+    assert not (tmp_path / "store.partial").exists()
+
+
+def test_store_fails_clearly_when_too_many_bad(tmp_path):
+    with pytest.raises(TooManyBadRecords, match="max_bad_fraction"):
+        _write(tmp_path / "store", n=2, bad=3, max_bad=0.5)
+    assert not (tmp_path / "store").exists()
+
+
+def test_store_rejects_inconsistent_examples(tmp_path):
+    w = StoreWriter(tmp_path / "s", per_atom=["pos", "z"])
+    with pytest.raises(ValueError, match="rows"):
+        w.add("a", "a", {"pos": np.zeros((3, 3)), "z": np.zeros(2)})
+    w.add("b", "b", {"pos": np.zeros((3, 3)), "z": np.zeros(3)})
+    with pytest.raises(ValueError, match="duplicate"):
+        w.add("b", "b", {"pos": np.zeros((3, 3)), "z": np.zeros(3)})
+
+
+def test_split_by_key_no_leakage_and_deterministic():
+    keys = [f"mol{i % 37}" for i in range(400)]
+    index = pl.DataFrame({"id": [f"x{i}" for i in range(400)], "key": keys, "n_atoms": [5] * 400})
+    a = make_split(index, {"train": 0.8, "val": 0.1, "test": 0.1}, seed=0)
+    b = make_split(index.reverse(), {"train": 0.8, "val": 0.1, "test": 0.1}, seed=0)
+    assert a.sort("id").equals(b.sort("id"))
+    per_key = a.group_by("key").agg(pl.col("split").n_unique())
+    assert per_key["split"].max() == 1  # no molecule in two splits
+    counts = dict(a.group_by("split").agg(pl.col("key").n_unique()).iter_rows())
+    assert counts == {"train": 30, "val": 4, "test": 3} or sum(counts.values()) == 37
+    assert set(counts) == {"train", "val", "test"}
+    c = make_split(index, {"train": 0.8, "val": 0.1, "test": 0.1}, seed=1)
+    assert not c.sort("id")["split"].equals(a.sort("id")["split"])
+
+
+def test_every_split_gets_a_key_when_possible():
+    m = assign_splits(["a", "b", "c"], {"train": 0.98, "val": 0.019, "test": 0.001}, 0)
+    assert sorted(m.values()) == ["test", "train", "val"]
+
+
+def test_subsets_are_nested_and_sized():
+    index = pl.DataFrame(
+        {
+            "id": [f"x{i}" for i in range(500)],
+            "key": [f"k{i}" for i in range(500)],
+            "n_atoms": [5] * 500,
+        }
+    )
+    split = make_split(index, {"train": 0.9, "val": 0.1}, seed=0)
+    s10 = set(make_subset(split, 10, "conformers")["id"])
+    s100 = set(make_subset(split, 100, "conformers")["id"])
+    half = set(make_subset(split, 0.5, "fraction")["id"])
+    full = set(make_subset(split, 1.0, "fraction")["id"])
+    assert len(s10) == 10 and len(s100) == 100 and s10 < s100 < half < full
+    assert len(make_subset(split, 0.0001, "fraction")) == 1  # at least one example
+    assert full == set(split.filter(pl.col("split") == "train")["id"])
+    with pytest.raises(ValueError, match="unit"):
+        subset_size(5, "atoms", 10)
+    with pytest.raises(ValueError):
+        subset_size(0, "conformers", 10)

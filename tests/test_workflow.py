@@ -1,0 +1,184 @@
+"""Real Snakemake runs of the whole workflow on a tiny config in a temporary directory."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SNAKEFILE = ROOT / "workflow" / "Snakefile"
+TINY = ROOT / "tests" / "fixtures" / "tiny_config.yaml"
+BIN = Path(sys.executable).parent
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "OMP_NUM_THREADS": "1",
+        "MPLBACKEND": "Agg",
+    }
+    cmd = [str(BIN / "snakemake"), "-s", str(SNAKEFILE), "--directory", str(workdir),
+           "--configfile", str(workdir / "config.yaml"), *args]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, **kw)
+    if check and out.returncode != 0:
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed:\n{out.stdout[-4000:]}\n{out.stderr[-6000:]}"
+        )
+    return out
+
+
+def planned_jobs(out: subprocess.CompletedProcess) -> dict[str, int]:
+    """Job counts from a dry run's 'Job stats' table."""
+    text = out.stdout + out.stderr
+    table = text.split("Job stats:")[1].split("total")[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.M)}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    wd = tmp_path_factory.mktemp("wf")
+    shutil.copy(TINY, wd / "config.yaml")
+    snakemake(wd, "--cores", "2")
+    return wd
+
+
+def test_end_to_end_outputs_and_report(finished):
+    wd = finished
+    for exp, seeds in (("ff_default", (0, 1)), ("ff_c4", (0,))):
+        for s in seeds:
+            d = wd / f"results/runs/{exp}/seed{s}"
+            for name in ("metrics.parquet", "run.json", "model.pt", "early.pt"):
+                assert (d / name).is_file(), d / name
+            assert not (d / "work").exists()
+    m = pl.read_parquet(wd / "results/metrics_all.parquet")
+    pct = m.filter((pl.col("metric") == "pct") & (pl.col("field") == "forces"))
+    assert set(pct["experiment"]) == {"ff_default", "ff_c4"}
+    assert pct.filter(pl.col("step") > 0)["step"].min() <= 10  # the curve starts early on log axes
+    assert set(pct["step"].unique()) == {0, 1, 2, 6, 12}
+    for fig in ("pct", "by_size"):
+        for ext in ("png", "pdf", "svg"):
+            assert (wd / f"results/figures/{fig}.{ext}").stat().st_size > 1000
+    assert (wd / "results/paper_comparison.html").is_file()
+    snakemake(wd, "--report", "results/report.zip")
+    with zipfile.ZipFile(wd / "results/report.zip") as z:
+        names = z.namelist()
+    assert any(n.endswith("pct.png") for n in names) and any(
+        n.endswith("paper_comparison.html") for n in names
+    )
+    # nothing left to do: a second run schedules no job
+    out = snakemake(wd, "-n")
+    assert "Nothing to be done" in out.stdout + out.stderr
+
+
+def test_adding_a_subset_schedules_only_what_uses_it(finished):
+    wd = finished
+    cfg = yaml.safe_load((wd / "config.yaml").read_text())
+    cfg["datasets"]["spice"]["subsets"]["c2"] = {"size": 2, "unit": "conformers"}
+    cfg["experiments"]["ff_c2"] = {"task": "forcefield", "subset": "c2", "seeds": [0]}
+    cfg["figures"]["c2_only"] = {"kind": "pct_vs_step", "experiments": ["ff_c2"], "caption": "c2"}
+    new = wd.parent / (wd.name + "_plus")
+    shutil.copytree(wd, new, ignore=shutil.ignore_patterns(".snakemake"))
+    shutil.copytree(
+        wd / ".snakemake", new / ".snakemake", ignore=shutil.ignore_patterns("locks", "incomplete")
+    )
+    (new / "config.yaml").write_text(yaml.safe_dump(cfg))
+    jobs = planned_jobs(snakemake(new, "-n", "--quiet", "rules"))
+    # the new subset, its one training job, the figure that shows it; the aggregate table and
+    # the archived config necessarily follow; nothing else (no dataset rebuild, no other run)
+    assert jobs.pop("subset") == 1 and jobs.pop("train") == 1 and jobs.pop("figure") == 1
+    assert set(jobs) <= {"collect", "archive_config", "all"}, jobs
+
+
+def test_bad_config_names_key_and_allowed_values(tmp_path):
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["tasks"]["forcefield"]["size"] = "9M"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    out = snakemake(tmp_path, "-n", check=False)
+    assert out.returncode != 0
+    assert (
+        "tasks.forcefield" in out.stdout + out.stderr
+        or "experiments.ff_default.size" in out.stdout + out.stderr
+    )
+    assert "allowed: tiny, 1M, 4M, 6M" in out.stdout + out.stderr
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["tasks"]["forcefield"]["train"]["optimizer"] = "lion"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    out = snakemake(tmp_path, "-n", check=False)
+    assert (
+        out.returncode != 0
+        and "optimizer" in out.stdout + out.stderr
+        and "adamw" in out.stdout + out.stderr
+    )
+
+
+def _metrics_without_wall(path: Path) -> pl.DataFrame:
+    return (
+        pl.read_parquet(path)
+        .drop("wall_s")
+        .sort(["step", "split", "metric", "field", "t"], nulls_last=True)
+    )
+
+
+def test_sigkill_then_rerun_incomplete_resumes_to_identical_metrics(finished, tmp_path):
+    """Kill the whole Snakemake run mid-training, rerun with --rerun-incomplete: same table."""
+    wd = tmp_path / "wf"
+    wd.mkdir()
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["tasks"]["forcefield"]["train"].update(steps=40, checkpoint_every=4)
+    cfg["experiments"] = {"ff_default": {"task": "forcefield", "subset": "all", "seeds": [0]}}
+    cfg["figures"] = {}
+    (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
+    # reuse the finished dataset build (the store does not depend on training settings)
+    shutil.copytree(finished / "resources", wd / "resources")
+    snakemake(wd, "--cores", "1", "--touch", "resources/spice/embedded")
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [str(BIN / "snakemake"), "-s", str(SNAKEFILE), "--directory", str(wd), "--configfile",
+         str(wd / "config.yaml"), "--cores", "1", "results/runs/ff_default/seed0/metrics.parquet"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+    )  # fmt: skip
+    ckpt = wd / "results/runs/ff_default/seed0/work/metrics.partial.parquet"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if ckpt.exists() and pl.read_parquet(ckpt)["step"].max() >= 8:
+            break
+        time.sleep(0.2)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("training never reached a checkpoint")
+    os.killpg(proc.pid, signal.SIGKILL)  # snakemake and the training job, no clean-up
+    proc.wait()
+    assert not (wd / "results/runs/ff_default/seed0/metrics.parquet").exists()
+    snakemake(wd, "--unlock")
+    out = snakemake(
+        wd, "--cores", "1", "--rerun-incomplete", "results/runs/ff_default/seed0/metrics.parquet"
+    )
+    log = (wd / "logs/train/ff_default/seed0.log").read_text()
+    assert "resumed from step" in log, out.stderr[-2000:]
+    resumed = _metrics_without_wall(wd / "results/runs/ff_default/seed0/metrics.parquet")
+    # the same run uninterrupted, straight through the CLI
+    ref_dir = tmp_path / "ref"
+    spec = subprocess.run(
+        [sys.executable, "-c", "import sys, yaml; from equipipe import config as c; "
+         "cfg = c.check_config(c.validate_schema(yaml.safe_load(open(sys.argv[1])))); "
+         "print(c.run_spec_json(cfg, 'ff_default', 0))", str(wd / "config.yaml")],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    d = wd / "results/data/spice"
+    subprocess.run([str(BIN / "equipipe"), "train", "--spec", spec, "--store", str(d / "store"), "--split",
+                    str(d / "split.parquet"), "--subset", str(d / "subsets/all.parquet"), "--out", str(ref_dir)],
+                   check=True, capture_output=True, env=env)  # fmt: skip
+    ref = _metrics_without_wall(ref_dir / "metrics.parquet")
+    assert resumed.equals(ref)
