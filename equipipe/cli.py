@@ -50,6 +50,7 @@ def cmd_split(a) -> None:
         Path(a.out),
         cfg.get("fractions", {"train": 0.8, "val": 0.1, "test": 0.1}),
         int(cfg.get("seed", 0)),
+        cfg.get("predefined"),
     )
 
 

@@ -88,6 +88,11 @@ def check_config(cfg: dict) -> dict:
             raise ConfigError(
                 f"tasks.{name}.dataset: {t['dataset']!r} is not configured; allowed: {', '.join(datasets)}"
             )
+        if t["size"] not in MODEL_SIZES.get(t["model"], ()):
+            raise ConfigError(
+                f"tasks.{name}.size: {t['size']!r} is not a size of model {t['model']!r}; "
+                f"allowed: {', '.join(MODEL_SIZES.get(t['model'], ()))}"
+            )
         if name not in TASK_DATASETS and t.get("kind") not in TASK_DATASETS:
             raise ConfigError(
                 f"tasks.{name}: unknown task kind; set kind to one of {', '.join(TASK_DATASETS)}"

@@ -358,13 +358,29 @@ class Trainer:
         if head is not None:
             self._row("val", "head_deviation", head_deviation(head.weight))
         if self.step == 0 and hasattr(self.task, "interpolation_floor"):
-            for labels, value in self.task.interpolation_floor(
-                self.val, self.ecfg.k, torch.Generator().manual_seed(self.ecfg.seed)
-            ):
-                split, t = self._split_and_t(labels)
-                for name, v in value.items():
-                    self._row(split, name, v, self.task.primary_field, t)
+            self.log_interpolation_floor()
         model.train(was_training)
+
+    def log_interpolation_floor(self) -> None:
+        """Resampling floor of continuous-rotation grid evaluation, logged once (model-free).
+
+        An isotropic blur is exactly equivariant in the continuum, so the equivariance error the
+        same Haar evaluation reports for it is interpolation error: the reference line for pct.
+        """
+        gen = torch.Generator().manual_seed(self.ecfg.seed)
+        floors: dict[tuple[str, float | None, str], Decomposition] = {}
+        for batch in self.val:
+            for labels, view in self.task.eval_views(batch, gen):
+                if labels.get("mode") != "haar":
+                    continue
+                split, t = self._split_and_t(labels)
+                for f, d in self.task.interpolation_floor(view, gen, self.ecfg.k).items():
+                    key = (split, t, f)
+                    floors[key] = floors[key] + d if key in floors else d
+        for (split, t, f), d in floors.items():
+            self._row(split, "floor_pct", d.pct, f, t, d.n_elements, "fraction")
+            self._row(split, "floor_equiv", d.per_element()["equiv_unbiased"], f, t, d.n_elements, self.task.units.get(f))
+            self._row(split, "floor_total", d.per_element()["total"], f, t, d.n_elements, self.task.units.get(f))
 
     # --- training -------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -55,11 +56,29 @@ def assign_splits(keys: list[str], fractions: dict[str, float], seed: int) -> di
     return out
 
 
-def make_split(index: pl.DataFrame, fractions: dict[str, float], seed: int) -> pl.DataFrame:
-    """One row per example: id, key, n_atoms, split, rank (seeded order for nested subsets)."""
+def make_split(
+    index: pl.DataFrame,
+    fractions: dict[str, float],
+    seed: int,
+    predefined: dict[str, Any] | None = None,
+) -> pl.DataFrame:
+    """One row per example: id, key, n_atoms, split, rank (seeded order for nested subsets).
+
+    ``predefined = {"column": "source", "values": {"maceoff23/train": "train", ...}}`` keeps a
+    release's own split (e.g. MACE-OFF23's train/test files) instead of hashing keys; examples
+    whose value is not listed are split by ``fractions`` as usual.
+    """
     mapping = assign_splits(index["key"].cast(pl.String).to_list(), fractions, seed)
-    df = index.select("id", pl.col("key").cast(pl.String), "n_atoms").with_columns(
-        pl.col("key").replace_strict(mapping, return_dtype=pl.String).alias("split"),
+    hashed = pl.col("key").replace_strict(mapping, return_dtype=pl.String)
+    if predefined:
+        column, values = predefined["column"], predefined["values"]
+        if column not in index.columns:
+            raise ValueError(f"split.predefined.column {column!r} is not an index column; allowed: {index.columns}")
+        given = pl.col(column).cast(pl.String).replace_strict(values, default=None, return_dtype=pl.String)
+        hashed = pl.coalesce(given, hashed)
+    df = index.with_columns(pl.col("key").cast(pl.String)).select(
+        "id", "key", "n_atoms", hashed.alias("split")
+    ).with_columns(
         pl.col("id")
         .map_elements(lambda s: stable_hash(s, seed + 1), return_dtype=pl.Float64)
         .alias("rank"),
@@ -91,11 +110,13 @@ def make_subset(split: pl.DataFrame, size: float | int, unit: str) -> pl.DataFra
     return train.head(n).select("id")
 
 
-def write_split(store_dir: Path, out: Path, fractions: dict[str, float], seed: int) -> None:
+def write_split(
+    store_dir: Path, out: Path, fractions: dict[str, float], seed: int, predefined: dict | None = None
+) -> None:
     """CLI helper: read the store index, write ``split.parquet``."""
     index = pl.read_parquet(Path(store_dir) / "index.parquet")
     out.parent.mkdir(parents=True, exist_ok=True)
-    make_split(index, fractions, seed).write_parquet(out)
+    make_split(index, fractions, seed, predefined).write_parquet(out)
 
 
 def write_subset(split_file: Path, out: Path, size: float | int, unit: str) -> None:
