@@ -104,14 +104,25 @@ def cmd_figure(a) -> None:
 
 
 def cmd_analyse(a) -> None:
+    spec, runs, out = _json(a.spec), [Path(r) for r in a.run], Path(a.out)
+    if a.kind == "efficiency":
+        from equipipe.efficiency import write_efficiency_table
+
+        write_efficiency_table(runs, out / "efficiency.parquet", spec)
+        return
     from equipipe import analyses
 
-    fn = getattr(analyses, a.kind.replace("-", "_"), None)
-    if fn is None or a.kind.startswith("_"):
+    if a.kind not in ("landscape", "twirling"):
         raise SystemExit(
             f"equipipe: unknown analysis {a.kind!r}; allowed: landscape, twirling, efficiency"
         )
-    fn(Path(a.run), Path(a.out), _json(a.spec))
+    getattr(analyses, a.kind)(runs[0], out, spec)
+
+
+def cmd_table(a) -> None:
+    from equipipe.tables import write_html_tables
+
+    write_html_tables(Path(a.folder), Path(a.out), a.title)
 
 
 def cmd_model_info(a) -> None:
@@ -223,10 +234,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("analyse", help="mechanism analyses of a finished run")
     s.add_argument("kind", help="landscape | twirling | efficiency")
-    s.add_argument("--run", required=True)
+    s.add_argument(
+        "--run", nargs="+", required=True, help="run folder(s); efficiency takes the matched runs"
+    )
     s.add_argument("--out", required=True)
     s.add_argument("--spec", default="{}")
     s.set_defaults(fn=cmd_analyse)
+
+    s = sub.add_parser(
+        "table", help="render an analysis folder's tables (parquet) as one HTML page"
+    )
+    s.add_argument("folder")
+    s.add_argument("--out", required=True)
+    s.add_argument("--title", default="")
+    s.set_defaults(fn=cmd_table)
 
     s = sub.add_parser("model-info", help="parameter counts of every model size")
     s.add_argument("--model", default=None)

@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 FORMATS = ("png", "pdf", "svg")
-PLUGIN_MODULES: tuple[str, ...] = ("equipipe.figures_analysis",)
+PLUGIN_MODULES: tuple[str, ...] = ("equipipe.figures_analysis", "equipipe.efficiency")
 
 KindFn = Callable[["FigureContext"], Figure]
 KINDS: dict[str, KindFn] = {}

@@ -315,6 +315,7 @@ class Trainer:
         ema_acc: dict[tuple[str, float | None, str], list[tuple[float, int, str]]] = {}
         grad_rows: dict[tuple[str, float | None, str], list[float]] = {}
         for bi, batch in enumerate(self.val):
+            ema_seen: set[float | None] = set()  # EMA accuracy once per (batch, t), not per view
             for labels, view in self.task.eval_views(batch, gen):
                 split, t = self._split_and_t(labels)
                 rotation_set = getattr(self.task, "rotation_set", None)
@@ -330,7 +331,8 @@ class Trainer:
                         self.task.predict(model, view), view
                     ).items():
                         acc.setdefault((split, t, name), []).append((v, B, unit))
-                    if self.ema:
+                    if self.ema and t not in ema_seen:
+                        ema_seen.add(t)
                         for name, (v, unit) in self.task.accuracy(
                             self.task.predict(self.ema.model, view), view
                         ).items():
@@ -379,8 +381,24 @@ class Trainer:
                     floors[key] = floors[key] + d if key in floors else d
         for (split, t, f), d in floors.items():
             self._row(split, "floor_pct", d.pct, f, t, d.n_elements, "fraction")
-            self._row(split, "floor_equiv", d.per_element()["equiv_unbiased"], f, t, d.n_elements, self.task.units.get(f))
-            self._row(split, "floor_total", d.per_element()["total"], f, t, d.n_elements, self.task.units.get(f))
+            self._row(
+                split,
+                "floor_equiv",
+                d.per_element()["equiv_unbiased"],
+                f,
+                t,
+                d.n_elements,
+                self.task.units.get(f),
+            )
+            self._row(
+                split,
+                "floor_total",
+                d.per_element()["total"],
+                f,
+                t,
+                d.n_elements,
+                self.task.units.get(f),
+            )
 
     # --- training -------------------------------------------------------------------
 

@@ -19,3 +19,21 @@ rule analyse:
         spec=analysis_spec,
     shell:
         "equipipe analyse {params.kind} --run {params.run} --out {output} --spec {params.spec:q} 2> {log}"
+
+
+rule analysis_table:
+    input:
+        "results/analysis/{analysis}",
+    output:
+        report(
+            "results/tables/{analysis}.html",
+            caption="../workflow/report/analysis_table.rst",
+            category="Analyses",
+            labels={"analysis": "{analysis}"},
+        ),
+    log:
+        "logs/analysis/{analysis}_table.log",
+    conda:
+        "../envs/figures.yaml"
+    shell:
+        "equipipe table {input} --out {output} --title {wildcards.analysis} 2> {log}"

@@ -105,15 +105,23 @@ def analysis_of(wildcards):
     return config["analyses"][wildcards.analysis]
 
 
+def analysis_runs(a):
+    """Run folders an analysis reads: one (landscape, twirling) or the matched set (efficiency)."""
+    if a.get("experiments"):
+        return run_dirs(a["experiments"])
+    return [run_dir(a["experiment"], a["seed"])]
+
+
 def analysis_inputs(wildcards):
     a = analysis_of(wildcards)
+    if a.get("experiments"):
+        return {"runs": run_files(a["experiments"])}
     d = run_dir(a["experiment"], a["seed"])
     return {"info": f"{d}/run.json", "weights": f"{d}/{a['checkpoint']}"}
 
 
 def analysis_run(wildcards):
-    a = analysis_of(wildcards)
-    return run_dir(a["experiment"], a["seed"])
+    return " ".join(analysis_runs(analysis_of(wildcards)))
 
 
 def analysis_kind(wildcards):
@@ -122,7 +130,10 @@ def analysis_kind(wildcards):
 
 def analysis_spec(wildcards):
     a = analysis_of(wildcards)
-    return json.dumps({**a["spec"], "checkpoint": a["checkpoint"]}, sort_keys=True)
+    extra = {"experiments": a["experiments"]} if a.get("experiments") else {}
+    return json.dumps(
+        {**a["spec"], "checkpoint": a["checkpoint"], **extra}, sort_keys=True
+    )
 
 
 def figure_of(wildcards):
@@ -159,8 +170,13 @@ def all_targets():
         for name in config["figures"]
         for ext in ("png", "pdf", "svg")
     ]
-    return figs + [
-        "results/metrics_all.parquet",
-        "results/paper_comparison.html",
-        "results/config_used.yaml",
-    ]
+    tables = [f"results/tables/{name}.html" for name in config.get("analyses", {})]
+    return (
+        figs
+        + tables
+        + [
+            "results/metrics_all.parquet",
+            "results/paper_comparison.html",
+            "results/config_used.yaml",
+        ]
+    )

@@ -1,0 +1,590 @@
+"""The efficiency gap, measured: when does an equivariant model win per GPU-hour?
+
+PAPER.md derives (does not compute) the break-even per-step cost ratio
+
+    c* = (1 - p)^(-1/α)
+
+where p = pct of the non-equivariant model (share of its held-out loss from equivariance
+error) and α the exponent of loss against compute, L ∝ C^(-α). An equivariant model that
+costs c times more per training step wins per GPU-hour only if c < c*, under two assumptions
+that are stated next to every number this module produces (:data:`ASSUMPTIONS`).
+
+Input: two matched experiments on the same data — a non-equivariant ``baseline`` (e.g. EScAIP
+with rotation augmentation) and an ``equivariant`` one (same steps, or same wall-clock) — as
+the collected metrics table (CONTRACTS.md columns + ``experiment``, ``seed``) and their
+run.json dicts keyed ``"<experiment>/<seed>"``.
+
+What is measured, and how noisy it is:
+
+* c = mean sec_per_step(equivariant) / mean sec_per_step(baseline), from run.json (training
+  steps only; evaluation excluded). Noise: standard error by the delta method from the spread
+  over seeds; lo/hi = the smallest and largest ratio over all seed pairs. Only meaningful when
+  both ran on the same kind of device (a note says when they did not).
+* p = the baseline's pct at its final evaluation (primary field), mean over seeds. Noise: the
+  standard error over seeds; with one seed, the decomposition's own standard error (from
+  ``total_se`` and ``equiv_se``, ignoring their positive correlation, so conservative).
+* α = minus the slope of log10(held-out loss) against log10(compute), least squares on the
+  later part of the seed-averaged curve (steps >= ``fit_from`` x the last step). Noise: the
+  residual standard error of the slope (``se``) and a pairs bootstrap over the fitted points
+  (16-84 % interval, ``lo``/``hi``); with several seeds the per-seed range is in the note.
+  Points of one curve are autocorrelated, so both understate the run-to-run spread.
+* c* = (1 - p)^(-1/α), with a 16-84 % interval from the bootstrap draws of α and normal draws
+  of p; ``equivariant_wins_probability`` = the share of draws (c also drawn) with c < c*.
+* A check of assumption (a): the steps the equivariant run needs to reach the baseline's final
+  twirled loss L_mean (unbiased M), over the baseline's final step (``a_step_ratio``; (a)
+  holds at <= 1), and the equivariant loss over the baseline's L_mean at their last common
+  step (``a_loss_ratio``).
+* Directly measured: the compute the equivariant run needs to reach the baseline's final total
+  loss over the baseline's compute (``measured_compute_ratio``) — beside the prediction c / c*.
+
+Compute axis (``clock``): ``"train"`` (default) = step x sec_per_step of that run — training
+compute only, as c is; ``"wall"`` = the metrics table's cumulative ``wall_s`` column, which also
+counts the K-rotation evaluations (dense early in training), so it bends the power law.
+Device-hours = seconds x devices (run.json ``world_size``, default 1) / 3600.
+
+Options come from the spec (top level or ``style``): ``baseline``, ``equivariant`` (experiment
+names; default the first two of ``experiments``), ``field`` (default run.json
+``primary_field``), ``split`` ("val"), ``metric`` ("total"), ``clock`` ("train"|"wall"),
+``fit_from`` (0.1), ``n_boot`` (1000), ``boot_seed`` (0).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from matplotlib.figure import Figure
+
+from equipipe.figures import FigureContext, register_kind
+
+ASSUMPTIONS: tuple[str, str] = (
+    "(a) the equivariant model reaches the non-equivariant model's twirled loss L_mean "
+    "at the same number of steps",
+    "(b) held-out loss falls as a power of compute, L ∝ C^(-α), with α fitted on the "
+    "non-equivariant run",
+)
+DEFAULTS: dict = {
+    "baseline": None,
+    "equivariant": None,
+    "field": None,
+    "split": "val",
+    "metric": "total",
+    "clock": "train",
+    "fit_from": 0.1,
+    "n_boot": 1000,
+    "boot_seed": 0,
+}
+TABLE_SCHEMA: dict[str, pl.DataType] = {
+    "quantity": pl.String,
+    "value": pl.Float64,
+    "se": pl.Float64,
+    "lo": pl.Float64,
+    "hi": pl.Float64,
+    "n": pl.Int64,
+    "unit": pl.String,
+    "method": pl.String,
+    "note": pl.String,
+}
+Z1 = (15.865, 84.135)  # percentiles of a ±1σ interval
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def critical_cost_ratio(p: float, alpha: float) -> float:
+    """c* = (1 - p)^(-1/α): the per-step cost ratio below which equivariance pays (NaN if α <= 0)."""
+    if not (0 <= p < 1) or not alpha > 0:
+        return math.nan
+    return (1 - p) ** (-1 / alpha)
+
+
+def power_law_fit(compute, loss, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Fit log10 L = a - α log10 C by least squares.
+
+    Returns:
+        {"alpha", "se" (residual SE of the slope), "lo", "hi" (16-84 % pairs bootstrap),
+        "intercept", "n", "boot" (bootstrap α draws, array)}; NaNs with fewer than 3 points.
+    """
+    c, y = np.asarray(compute, float), np.asarray(loss, float)
+    ok = np.isfinite(c) & np.isfinite(y) & (c > 0) & (y > 0)
+    x, y = np.log10(c[ok]), np.log10(y[ok])
+    n = int(x.size)
+    nan = {"alpha": math.nan, "se": math.nan, "lo": math.nan, "hi": math.nan}
+    if n < 3 or np.ptp(x) == 0:
+        return {**nan, "intercept": math.nan, "n": n, "boot": np.array([])}
+    slope, intercept = np.polyfit(x, y, 1)
+    resid = y - (intercept + slope * x)
+    sxx = float(((x - x.mean()) ** 2).sum())
+    se = math.sqrt(float((resid**2).sum()) / (n - 2) / sxx)
+    rng = np.random.default_rng(seed)
+    boot = []
+    for _ in range(n_boot):
+        i = rng.integers(0, n, n)
+        if np.ptp(x[i]) > 0:
+            boot.append(-np.polyfit(x[i], y[i], 1)[0])
+    boot = np.asarray(boot)
+    lo, hi = np.percentile(boot, Z1) if boot.size else (math.nan, math.nan)
+    return {
+        "alpha": float(-slope),
+        "se": se,
+        "lo": float(lo),
+        "hi": float(hi),
+        "intercept": float(intercept),
+        "n": n,
+        "boot": boot,
+    }
+
+
+def cost_ratio(sec_equivariant, sec_baseline) -> dict:
+    """c = mean(eq) / mean(base) with a delta-method SE over seeds and the all-pairs range."""
+    e, b = np.asarray(sec_equivariant, float), np.asarray(sec_baseline, float)
+    value = float(e.mean() / b.mean())
+    rel2 = 0.0
+    for s in (e, b):
+        rel2 += (s.std(ddof=1) / math.sqrt(s.size) / s.mean()) ** 2 if s.size > 1 else math.nan
+    pairs = e[:, None] / b[None, :]
+    return {
+        "value": value,
+        "se": value * math.sqrt(rel2),
+        "lo": float(pairs.min()),
+        "hi": float(pairs.max()),
+        "n": int(pairs.size),
+    }
+
+
+def first_reach(steps, values, target: float) -> float:
+    """First step at which a falling curve reaches ``target``, interpolated in log-log between
+    evaluations (NaN if it never does)."""
+    s, v = np.asarray(steps, float), np.asarray(values, float)
+    below = np.flatnonzero(np.isfinite(v) & (v <= target))
+    if below.size == 0:
+        return math.nan
+    i = int(below[0])
+    if i == 0 or s[i - 1] <= 0 or v[i - 1] <= 0 or target <= 0:
+        return float(s[i])
+    f = (math.log(v[i - 1]) - math.log(target)) / (math.log(v[i - 1]) - math.log(v[i]))
+    return float(math.exp(math.log(s[i - 1]) + f * (math.log(s[i]) - math.log(s[i - 1]))))
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def _options(spec: dict) -> dict:
+    opts = {**DEFAULTS}
+    for src in (spec, spec.get("style") or {}):
+        opts.update({k: v for k, v in src.items() if k in DEFAULTS and v is not None})
+    exps = list(spec.get("experiments") or [])
+    opts["baseline"] = opts["baseline"] or (exps[0] if exps else None)
+    opts["equivariant"] = opts["equivariant"] or (exps[1] if len(exps) > 1 else None)
+    if not opts["baseline"] or not opts["equivariant"]:
+        raise ValueError(
+            "efficiency gap: name the two experiments — spec keys 'baseline' (non-equivariant) "
+            "and 'equivariant', or experiments: [baseline, equivariant]"
+        )
+    if opts["clock"] not in ("train", "wall"):
+        raise ValueError(f"efficiency gap: clock {opts['clock']!r}; allowed: train, wall")
+    return opts
+
+
+def _runs_of(runs: dict[str, dict], exp: str) -> dict[int, dict]:
+    out = {}
+    for key, info in runs.items():
+        name, _, seed = key.rpartition("/")
+        if info.get("experiment", name) == exp:
+            out[int(info.get("seed", seed))] = info
+    if not out:
+        raise ValueError(f"efficiency gap: no run.json for experiment {exp!r}; have {sorted(runs)}")
+    return out
+
+
+def _rows(metrics: pl.DataFrame, exp: str, metric: str, split: str, fld: str | None):
+    df = metrics.filter(
+        (pl.col("experiment") == exp) & (pl.col("metric") == metric) & (pl.col("split") == split)
+    )
+    if fld is not None and df.height and fld in df.get_column("field").to_list():
+        df = df.filter(pl.col("field") == fld)
+    if "t" in df.columns and df.get_column("t").null_count() < df.height:
+        # Several flow times: average them (the curve of the task's mean over t).
+        df = df.group_by("seed", "step").agg(
+            pl.col("value").mean(), pl.col("wall_s").mean(), pl.col("unit").first()
+        )
+    return df
+
+
+@dataclass
+class Curve:
+    """Seed-averaged held-out curve of one experiment (steps every seed has)."""
+
+    step: np.ndarray
+    compute_h: np.ndarray  # device-hours
+    value: np.ndarray
+    lo: np.ndarray  # min over seeds
+    hi: np.ndarray  # max over seeds
+    per_seed: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+
+def _curve(df: pl.DataFrame, infos: dict[int, dict], clock: str) -> Curve:
+    if df.height == 0:
+        return Curve(*(np.array([]) for _ in range(5)))
+    per_seed = {}
+    for (seed,), g in df.group_by("seed"):
+        g = g.group_by("step").agg(pl.col("value").mean(), pl.col("wall_s").mean()).sort("step")
+        step = g.get_column("step").to_numpy().astype(float)
+        info = infos.get(int(seed), {})
+        devices = float(info.get("world_size") or 1)
+        if clock == "train":
+            seconds = step * float(info.get("sec_per_step", math.nan))
+        else:
+            seconds = g.get_column("wall_s").to_numpy()
+        per_seed[int(seed)] = (step, seconds * devices / 3600, g.get_column("value").to_numpy())
+    common = set.intersection(*(set(s.tolist()) for s, _, _ in per_seed.values()))
+    steps = np.array(sorted(common))
+    stack = {k: [] for k in ("c", "v")}
+    for s, c, v in per_seed.values():
+        idx = np.searchsorted(s, steps)
+        stack["c"].append(c[idx])
+        stack["v"].append(v[idx])
+    c, v = np.array(stack["c"]), np.array(stack["v"])
+    return Curve(steps, c.mean(0), v.mean(0), v.min(0), v.max(0), per_seed)
+
+
+def _final(df: pl.DataFrame) -> dict[int, float]:
+    """Value at each seed's last evaluated step."""
+    if df.height == 0:
+        return {}
+    last = df.group_by("seed").agg(pl.col("step").max().alias("last"))
+    df = df.join(last, on="seed").filter(pl.col("step") == pl.col("last"))
+    agg = df.group_by("seed").agg(pl.col("value").mean())
+    return dict(zip(agg.get_column("seed").to_list(), agg.get_column("value").to_list()))
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+@dataclass
+class Efficiency:
+    """Everything the table and the figure show."""
+
+    opts: dict
+    field: str | None
+    unit: str | None
+    device_unit: str
+    curves: dict[str, Curve]  # "baseline", "equivariant", "baseline_mean" (L_mean), ...
+    fit: dict
+    numbers: dict[str, dict]
+    table: pl.DataFrame
+
+
+def _row(quantity: str, value, *, se=None, lo=None, hi=None, n=None, unit="", method="", note=""):
+    """One table row; non-finite numbers become nulls."""
+
+    def num(x):
+        return float(x) if x is not None and np.isfinite(x) else None
+
+    return {"quantity": quantity, "value": num(value), "se": num(se), "lo": num(lo),
+            "hi": num(hi), "n": n, "unit": unit, "method": method, "note": note}  # fmt: skip
+
+
+def _mean_se(x) -> tuple[float, float]:
+    x = np.asarray(x, float)
+    if x.size == 0:
+        return math.nan, math.nan
+    return float(x.mean()), float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else math.nan
+
+
+def _cost_rows(names: dict[str, str], infos: dict[str, dict[int, dict]]) -> tuple[list, dict]:
+    """sec_per_step and params of both experiments, and c."""
+    rows, sec = [], {}
+    for k, exp in names.items():
+        sec[k] = [float(i["sec_per_step"]) for i in infos[k].values() if i.get("sec_per_step")]
+        if not sec[k]:
+            raise ValueError(f"efficiency gap: run.json of {exp!r} lacks sec_per_step")
+        mean, se = _mean_se(sec[k])
+        devices = ", ".join(sorted({str(i.get("device")) for i in infos[k].values()}))
+        rows.append(_row(f"sec_per_step_{k}", mean, se=se, lo=min(sec[k]), hi=max(sec[k]),
+                         n=len(sec[k]), unit="s", note=f"{exp} on {devices}",
+                         method="run.json sec_per_step (training steps only), mean over seeds"))  # fmt: skip
+        params = [i["params"] for i in infos[k].values() if i.get("params")]
+        rows.append(_row(f"params_{k}", params[0] if params else None, n=len(params),
+                         method="run.json params", note=exp))  # fmt: skip
+    c = cost_ratio(sec["equivariant"], sec["baseline"])
+    devices = {str(i.get("device")) for v in infos.values() for i in v.values()}
+    note = "per-step cost of the equivariant model"
+    if len(devices) > 1:
+        note = f"runs on different devices ({sorted(devices)}): " + note
+    rows.append(_row("c", c["value"], se=c["se"], lo=c["lo"], hi=c["hi"], n=c["n"], unit="ratio",
+                     method="sec_per_step(eq) / sec_per_step(base); SE delta method over "
+                     "seeds, lo/hi over seed pairs", note=note))  # fmt: skip
+    return rows, c
+
+
+def _final_pct(sel, base: str, fld: str | None) -> dict:
+    """p with its SE: over seeds, or with one seed from the decomposition's own SEs."""
+    final = _final(sel(base, "pct"))
+    pv = np.array(list(final.values()), float)
+    p, se = _mean_se(pv)
+    method = "mean and SE over seeds"
+    if pv.size == 1:
+        seed = next(iter(final))
+        f = {k: _final(sel(base, k)).get(seed) for k in ("equiv_unbiased", "equiv_se", "total", "total_se")}  # fmt: skip
+        if all(v is not None and np.isfinite(v) for v in f.values()) and f["equiv_unbiased"] > 0:
+            se = p * math.hypot(f["equiv_se"] / f["equiv_unbiased"], f["total_se"] / f["total"])
+        method = "one seed: SE from the decomposition's total_se and equiv_se"
+    row = _row("p", p, se=se, lo=pv.min(initial=math.inf), hi=pv.max(initial=-math.inf),
+               n=int(pv.size), unit="fraction", method=method,
+               note=f"pct of {base} ({fld}) at its final evaluation")  # fmt: skip
+    return {"value": p, "se": se, "row": row}
+
+
+def _alpha_fit(cv: Curve, fit_from: float, n_boot: int, seed: int) -> dict:
+    """Power law on the later part (steps >= fit_from x last) of the seed-mean curve."""
+    last = cv.step.max(initial=0.0)
+    keep = (cv.step >= fit_from * last) & (cv.step > 0)
+    fit = power_law_fit(cv.compute_h[keep], cv.value[keep], n_boot, seed)
+    fit["range"] = (cv.compute_h[keep].min(), cv.compute_h[keep].max()) if keep.any() else None
+    per_seed = []
+    for step, compute, value in cv.per_seed.values():
+        k = (step >= fit_from * last) & (step > 0)
+        per_seed.append(power_law_fit(compute[k], value[k], 0)["alpha"])
+    fit["per_seed"] = per_seed
+    return fit
+
+
+def _c_star_rows(c: dict, p: dict, fit: dict, n_boot: int, seed: int) -> list:
+    """c* with a 16-84 % interval and P(c < c*) from draws of α (bootstrap), p and c (normal)."""
+    c_star = critical_cost_ratio(p["value"], fit["alpha"])
+    rng = np.random.default_rng(seed + 1)
+    a = fit["boot"] if fit["boot"].size else np.full(max(n_boot, 1), fit["alpha"])
+    p_draws = p["value"] + np.nan_to_num(p["se"]) * rng.standard_normal(a.size)
+    p_draws = np.clip(p_draws, 0.0, 1 - 1e-12)
+    c_draws = c["value"] + np.nan_to_num(c["se"]) * rng.standard_normal(a.size)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        cs = np.where(a > 0, (1 - p_draws) ** (-1 / np.where(a > 0, a, 1.0)), np.nan)
+    ok = np.isfinite(cs)
+    lo, hi = np.percentile(cs[ok], Z1) if ok.any() else (None, None)
+    wins = float(np.mean(c_draws[ok] < cs[ok])) if ok.any() else None
+    given = "assuming " + "; ".join(ASSUMPTIONS)
+    return [
+        _row("c_star", c_star, lo=lo, hi=hi, n=int(ok.sum()), unit="ratio",
+             method="(1 - p)^(-1/α); lo/hi 16-84 % over bootstrap α and normal p draws",
+             note="equivariant wins per device-hour iff c < c*, " + given),
+        _row("equivariant_wins_probability", wins, n=int(ok.sum()), unit="fraction",
+             method="share of draws (c, α, p) with c < c*", note=given),
+        _row("predicted_compute_ratio", c["value"] / c_star if np.isfinite(c_star) else None,
+             unit="ratio", method="c / c*", note="compute the equivariant model needs for the "
+             "baseline's final loss, relative to the baseline's, " + given),
+    ]  # fmt: skip
+
+
+def _assumption_rows(curves: dict[str, Curve], metric: str, mean_name: str, device_unit: str,
+                     clock: str) -> list:  # fmt: skip
+    """Check of assumption (a), and the compute ratio measured directly. A target never reached
+    within the run gives a lower bound (``lo``) from the run's length instead of a value."""
+    cb, ce, cm = curves["baseline"], curves["equivariant"], curves["baseline_mean"]
+    never = "; never reached in this run (lo = lower bound)"
+    reach = first_reach(ce.step, ce.value, cm.value[-1]) if cm.value.size else math.nan
+    common = np.intersect1d(ce.step, cm.step)
+    s_last = common.max() if common.size else math.nan
+    ratio = ce.value[ce.step == s_last][0] / cm.value[cm.step == s_last][0] if common.size else None
+    reach_c = first_reach(ce.compute_h, ce.value, cb.value[-1])
+    return [
+        _row("a_step_ratio", reach / cb.step[-1], unit="ratio",
+             lo=None if np.isfinite(reach) else ce.step[-1] / cb.step[-1],
+             method=f"first step where the equivariant {metric} <= the baseline's final "
+             f"{mean_name} (log-log interpolation) / the baseline's last step",
+             note="assumption (a) holds at <= 1" + ("" if np.isfinite(reach) else never)),
+        _row("a_loss_ratio", ratio, unit="ratio",
+             method=f"equivariant {metric} / baseline {mean_name} at their last common step "
+             f"({s_last:.0f})", note="assumption (a) holds at <= 1"),
+        _row("measured_compute_ratio", reach_c / cb.compute_h[-1], unit="ratio",
+             lo=None if np.isfinite(reach_c) else ce.compute_h[-1] / cb.compute_h[-1],
+             method=f"equivariant {device_unit} to reach the baseline's final {metric} / the "
+             f"baseline's {device_unit} ({clock} clock)",
+             note="< 1: the equivariant model won per device-hour in these runs"
+             + ("" if np.isfinite(reach_c) else never)),
+    ]  # fmt: skip
+
+
+def analyse(metrics: pl.DataFrame, runs: dict[str, dict], spec: dict) -> Efficiency:
+    """Compute the curves and every number of the efficiency gap (see the module docstring)."""
+    o = _options(spec)
+    names = {"baseline": o["baseline"], "equivariant": o["equivariant"]}
+    present = set(metrics.get_column("experiment").unique().to_list()) if metrics.height else set()
+    for exp in names.values():
+        if exp not in present:
+            raise ValueError(
+                f"efficiency gap: experiment {exp!r} has no rows in the metrics; present: "
+                f"{sorted(present)}"
+            )
+    infos = {k: _runs_of(runs, exp) for k, exp in names.items()}
+    base = names["baseline"]
+    fld = o["field"] or next(iter(infos["baseline"].values())).get("primary_field")
+    metric, clock, n_boot, seed = o["metric"], o["clock"], int(o["n_boot"]), int(o["boot_seed"])
+
+    def sel(exp, name):
+        return _rows(metrics, exp, name, o["split"], fld)
+
+    loss = {k: sel(exp, metric) for k, exp in names.items()}
+    for k, df in loss.items():
+        if df.height == 0:
+            raise ValueError(
+                f"efficiency gap: no {metric!r} rows on split {o['split']!r} for {names[k]!r}"
+            )
+    units = [u for u in loss["baseline"].get_column("unit").unique().to_list() if u]
+    unit = units[0] if units else None
+    mean_name = "mean_unbiased" if sel(base, "mean_unbiased").height else "mean"
+    curves = {k: _curve(loss[k], infos[k], clock) for k in names}
+    curves["baseline_mean"] = _curve(sel(base, mean_name), infos["baseline"], clock)
+    devices = {str(i.get("device")) for v in infos.values() for i in v.values()}
+    device_unit = "GPU-hours" if any("cuda" in d for d in devices) else "device-hours"
+
+    rows, c = _cost_rows(names, infos)
+    p = _final_pct(sel, base, fld)
+    rows.append(p["row"])
+    fits = {k: _alpha_fit(curves[k], o["fit_from"], n_boot, seed) for k in names}
+    for k, name in (("baseline", "alpha"), ("equivariant", "alpha_equivariant")):
+        f = fits[k]
+        spread = f["per_seed"]
+        note = names[k] + (
+            f"; per-seed α {min(spread):.3g}..{max(spread):.3g}" if len(spread) > 1 else ""
+        )
+        rows.append(_row(name, f["alpha"], se=f["se"], lo=f["lo"], hi=f["hi"], n=f["n"],
+                         method=f"log-log least squares of {metric} vs compute ({clock} clock), "
+                         f"steps >= {o['fit_from']:g} x last; SE from residuals, lo/hi 16-84 % "
+                         f"pairs bootstrap ({n_boot})", note=note))  # fmt: skip
+    rows += _c_star_rows(c, p, fits["baseline"], n_boot, seed)
+    rows += _assumption_rows(curves, metric, mean_name, device_unit, clock)
+    for name, key in (("final_loss_baseline", "baseline"),
+                      ("final_twirled_loss_baseline", "baseline_mean"),
+                      ("final_loss_equivariant", "equivariant")):  # fmt: skip
+        cv = curves[key]
+        if cv.step.size == 0:
+            continue
+        what = mean_name if key == "baseline_mean" else metric
+        rows.append(_row(name, cv.value[-1], lo=cv.lo[-1], hi=cv.hi[-1], n=len(cv.per_seed),
+                         unit=unit or "", note=names[key.split("_")[0]],
+                         method=f"{what} at step {cv.step[-1]:.0f}, mean (min/max) over seeds"))  # fmt: skip
+    numbers = {r["quantity"]: r for r in rows}
+    table = pl.DataFrame(rows, schema=TABLE_SCHEMA)
+    return Efficiency(o, fld, unit, device_unit, curves, fits, numbers, table)
+
+
+def efficiency_table(metrics: pl.DataFrame, runs: dict[str, dict], spec: dict) -> pl.DataFrame:
+    """One row per quantity: ``quantity, value, se, lo, hi, n, unit, method, note``.
+
+    Quantities: sec_per_step_{baseline,equivariant}, params_*, c, p, alpha, alpha_equivariant,
+    c_star, equivariant_wins_probability, predicted_compute_ratio, a_step_ratio,
+    a_loss_ratio, measured_compute_ratio, final_loss_baseline, final_twirled_loss_baseline,
+    final_loss_equivariant. Both assumptions are written in the notes of the c* rows.
+    """
+    return analyse(metrics, runs, spec).table
+
+
+def write_efficiency_table(run_dirs, out: Path, spec: dict) -> pl.DataFrame:
+    """Read finished run directories, write :func:`efficiency_table` to ``out`` (.parquet; a .csv
+    beside it for the report) and return it."""
+    from equipipe.collect import load_runs, read_metrics
+
+    dirs = [Path(d) for d in run_dirs]
+    runs = load_runs(dirs)
+    metrics = pl.concat(
+        [read_metrics(d, info) for d, info in zip(dirs, runs.values())], how="diagonal_relaxed"
+    )
+    table = efficiency_table(metrics, runs, spec)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.write_parquet(out)
+    table.write_csv(out.with_suffix(".csv"))
+    return table
+
+
+# --------------------------------------------------------------------------- figure
+
+
+def _fmt(r: dict, digits: int = 3) -> str:
+    v = r.get("value")
+    if v is None:
+        return f"> {r['lo']:.{digits}g} (not reached)" if r.get("lo") is not None else "n/a"
+    s = f"{v:.{digits}g}"
+    if r.get("se") is not None:
+        s += f" ± {r['se']:.2g}"
+    if r.get("lo") is not None and r.get("hi") is not None:
+        s += f" [{r['lo']:.{digits}g}, {r['hi']:.{digits}g}]"
+    return s
+
+
+@register_kind("efficiency_gap")
+def efficiency_gap(ctx: FigureContext) -> Figure:
+    """Held-out loss vs device-hours and vs steps for the two matched experiments.
+
+    Style keys: the options of this module (``baseline``, ``equivariant``, ``field``, ``split``,
+    ``metric``, ``clock``, ``fit_from``, ``n_boot``, ``boot_seed``), plus ``title``, ``labels``,
+    ``colors``. The text under the axes gives c, p, α, c* with their uncertainty and states
+    both assumptions.
+    """
+    spec = {**ctx.spec, "style": ctx.style}
+    r = analyse(ctx.metrics, ctx.runs, spec)
+    base, eq = r.opts["baseline"], r.opts["equivariant"]
+    fig = Figure(figsize=tuple(ctx.opt("figsize", (11.5, 6.4))), layout="constrained")
+    sub = fig.subfigures(2, 1, height_ratios=[3.4, 1.0])
+    ax_c, ax_s = sub[0].subplots(1, 2)
+    ylabel = f"Held-out {r.opts['metric']} ({r.field})" + (f", {r.unit}" if r.unit else "")
+    series = [("baseline", base, 0), ("equivariant", eq, 1)]
+    for key, exp, i in series:
+        cv = r.curves[key]
+        color = ctx.color(exp, i)
+        ok = (cv.step > 0) & (cv.value > 0)
+        for ax, x in ((ax_c, cv.compute_h), (ax_s, cv.step)):
+            ax.plot(x[ok], cv.value[ok], color=color, label=ctx.label(exp))
+            if len(cv.per_seed) > 1:
+                ax.fill_between(x[ok], cv.lo[ok], cv.hi[ok], color=color, alpha=0.2, lw=0)
+        f = r.fit[key]
+        if np.isfinite(f["alpha"]) and f["range"] is not None:
+            xs = np.geomspace(*f["range"], 20)
+            ax_c.plot(xs, 10 ** (f["intercept"] - f["alpha"] * np.log10(xs)), color=color,
+                      ls="--", lw=1.0, label=f"power-law fit, α = {f['alpha']:.3g}")  # fmt: skip
+    cm = r.curves["baseline_mean"]
+    ok = (cm.step > 0) & (cm.value > 0)
+    ax_s.plot(cm.step[ok], cm.value[ok], color=ctx.color(base, 0), ls=":",
+              label=f"{ctx.label(base)}: twirled L_mean")  # fmt: skip
+    if cm.value.size and cm.value[-1] > 0:
+        for ax in (ax_c, ax_s):
+            ax.axhline(cm.value[-1], color="0.4", ls=":", lw=1.0, label="baseline's final L_mean")
+    ax_c.set_title(f"Loss vs compute ({r.opts['clock']} clock)")
+    ax_s.set_title("Loss vs steps — assumption (a)")
+    ax_c.set_xlabel(r.device_unit)
+    ax_s.set_xlabel("Training step")
+    for ax in (ax_c, ax_s):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_ylabel(ylabel)
+        ax.legend(loc="best", fontsize=8)
+    n = r.numbers
+    verdict = ""
+    cv, cs = n["c"]["value"], n["c_star"]["value"]
+    if cv is not None and cs is not None:
+        verdict = (
+            "equivariant model wins per device-hour" if cv < cs else "non-equivariant model wins"
+        )
+    lines = [
+        f"c = {_fmt(n['c'])}   (per-step cost ratio, seconds per training step from run.json)",
+        f"p = {_fmt(n['p'])}   (share of {ctx.label(base)}'s loss from equivariance error; "
+        f"{n['p']['method']})",
+        f"α = {_fmt(n['alpha'])}   (loss ∝ compute^-α; ± residual SE, [16-84 % bootstrap])",
+        f"c* = (1 - p)^(-1/α) = {_fmt(n['c_star'])}   →  {verdict}  "
+        f"(P(c < c*) = {_fmt({'value': n['equivariant_wins_probability']['value']}, 2)})",
+        f"check (a): steps to reach L_mean / baseline steps = "
+        f"{_fmt({**n['a_step_ratio'], 'se': None})};  measured compute ratio = "
+        f"{_fmt({**n['measured_compute_ratio'], 'se': None})} vs predicted c/c* = "
+        f"{_fmt({'value': n['predicted_compute_ratio']['value']})}",
+        "Assumptions: " + ASSUMPTIONS[0] + ";",
+        "                     " + ASSUMPTIONS[1] + ".",
+    ]
+    sub[1].text(0.01, 0.98, "\n".join(lines), ha="left", va="top", fontsize=8.5, family="monospace")
+    title = ctx.style.get("title", "Efficiency gap: equivariant vs non-equivariant")
+    if title:
+        fig.suptitle(title, fontsize=12)
+    return fig

@@ -1,0 +1,112 @@
+"""The training loop on a tiny real SPICE-format store (RDKit conformers, GFN2-xTB labels)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from equipipe.data import spice
+from equipipe.data.splits import write_split, write_subset
+from equipipe.train import TrainConfig, eval_steps, lr_at
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("spice")
+    spice.build_embedded(root / "raw", {"n_molecules": 6, "conformers": 3, "seed": 3, "workers": 1})
+    spice.preprocess(root / "raw", root / "store", {})
+    write_split(root / "store", root / "split.parquet", {"train": 0.5, "val": 0.5}, 0)
+    write_subset(root / "split.parquet", root / "all.parquet", 1.0, "fraction")
+    return {"store": root / "store", "split": root / "split.parquet", "subset": root / "all.parquet"}
+
+
+def spec(**train) -> dict:
+    return {
+        "experiment": "t", "seed": 0, "task": "forcefield", "model": "escaip", "size": "tiny",
+        "task_cfg": {"model": "escaip", "model_overrides": {}},
+        "train": {"steps": 24, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 3, "analysis_step": 6, **train},
+        "eval": {"every": 8, "early": [1, 2], "k": 3, "examples": 4, "batch_size": 4},
+    }  # fmt: skip
+
+
+def run_cli(s: dict, d: dict, out: Path, **popen) -> subprocess.Popen:
+    cmd = [str(BIN / "equipipe"), "train", "--spec", json.dumps(s), "--store", str(d["store"]),
+           "--split", str(d["split"]), "--subset", str(d["subset"]), "--out", str(out)]  # fmt: skip
+    return subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, **popen)
+
+
+def table(path: Path) -> pl.DataFrame:
+    return pl.read_parquet(path).drop("wall_s").sort(["step", "split", "metric", "field", "t"], nulls_last=True)
+
+
+def test_eval_schedule_and_lr():
+    assert eval_steps(1000, 100, [1, 2, 5, 10, 20, 50, 100, 200]) == [0, 1, 2, 5, 10, 20, 50] + list(range(100, 1001, 100))
+    assert eval_steps(30, 100, [1, 2, 5, 10, 20, 50]) == [0, 1, 2, 5, 10, 20, 30]
+    cfg = TrainConfig(steps=100, lr=1.0, schedule="cosine", warmup_steps=10, lr_floor=0.5)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0) and lr_at(100, cfg) == pytest.approx(0.5)
+    assert lr_at(55, cfg) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="allowed"):
+        TrainConfig.from_dict({"stepz": 3})
+
+
+def test_sigterm_checkpoints_and_resume_equals_uninterrupted(tiny_store, tmp_path):
+    s = spec(steps=60)
+    ref = tmp_path / "ref"
+    assert run_cli(s, tiny_store, ref).wait(timeout=600) == 0
+    out = tmp_path / "run"
+    p = run_cli(s, tiny_store, out, stderr=subprocess.PIPE, text=True)
+    partial = out / "work" / "metrics.partial.parquet"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (partial.exists() and pl.read_parquet(partial)["step"].max() >= 6):
+        time.sleep(0.1)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "checkpoint at step" in err
+    assert (out / "work" / "ckpt.pt").exists() and not (out / "metrics.parquet").exists()
+    p = run_cli(s, tiny_store, out, stderr=subprocess.PIPE, text=True)
+    err = p.communicate(timeout=600)[1]
+    assert p.returncode == 0 and "resumed from step" in err
+    assert table(out / "metrics.parquet").equals(table(ref / "metrics.parquet"))
+    info = json.loads((out / "run.json").read_text())
+    assert info["steps_per_epoch"] == math.ceil(info["n_train"] / 4)
+    assert info["primary_field"] == "forces" and info["params"] > 1e5
+    assert {"torch", "numpy"} <= set(info["versions"])
+
+
+def test_outputs_and_metric_table(tiny_store, tmp_path):
+    assert run_cli(spec(), tiny_store, tmp_path).wait(timeout=600) == 0
+    m = pl.read_parquet(tmp_path / "metrics.parquet")
+    assert m.columns == ["step", "epoch", "wall_s", "split", "metric", "field", "t", "value", "n_elements", "unit"]
+    pct = m.filter((pl.col("metric") == "pct") & (pl.col("field") == "forces"))
+    assert pct["step"].to_list() == [0, 1, 2, 8, 16, 24]
+    got = set(m.filter(pl.col("step") == 8)["metric"])
+    assert {"total", "mean", "equiv", "equiv_unbiased", "mean_unbiased", "k", "pct", "total_se", "equiv_se",
+            "grad_norm_equiv", "grad_norm_mean", "grad_ratio", "head_deviation", "force_mae", "energy_mae"} <= got  # fmt: skip
+    # T = M + E per element, as logged
+    row = {r["metric"]: r["value"] for r in m.filter((pl.col("step") == 8) & (pl.col("field") == "forces")).iter_rows(named=True)}
+    assert row["total"] == pytest.approx(row["mean"] + row["equiv"], rel=1e-9)
+    assert set(m.filter(pl.col("split") == "val_ema")["metric"]) >= {"force_mae"}
+    for name in ("model.pt", "early.pt", "run.json"):
+        assert (tmp_path / name).exists()
+    assert not (tmp_path / "work").exists()
+
+
+def test_nan_loss_stops_with_message_and_checkpoint(tiny_store, tmp_path):
+    p = run_cli(spec(lr=1e30, grad_clip=None), tiny_store, tmp_path, stderr=subprocess.PIPE, text=True)
+    err = p.communicate(timeout=600)[1]
+    assert p.returncode != 0
+    assert "non-finite training loss" in err and "Lower the learning rate" in err
+    assert (tmp_path / "work" / "ckpt.pt").exists()
