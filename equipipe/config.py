@@ -27,7 +27,7 @@ MODEL_SIZES: dict[str, tuple[str, ...]] = {
 TASK_DATASETS = {"forcefield": "spice", "flowmatching": "pdb", "denoising": "geom"}
 DATASET_SOURCES = {
     "spice": ("embedded", "spice-2.0.1", "spice-1.1.4", "maceoff23"),
-    "pdb": ("embedded", "wwpdb"),
+    "pdb": ("embedded", "remote"),
     "geom": ("embedded", "geom-rdkit", "midi"),
 }
 

@@ -23,7 +23,7 @@ rule download_pdb:
     log:
         "logs/pdb/download_{source}.log",
     wildcard_constraints:
-        source="wwpdb",
+        source="remote",
     retries: 2
     localrule: True
     conda:

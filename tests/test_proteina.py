@@ -1,0 +1,109 @@
+"""Proteína-like model: sizes, masking, the decoder head, the pair path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from equipipe.models import proteina
+from equipipe.models.registry import SIZES, build_model, param_count, size_label
+from equipipe.so3 import haar_rotations
+
+
+def _inputs(B=3, L=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, L, 3, generator=g)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[1, L - 7 :] = False
+    x = x * mask[..., None]
+    t = torch.rand(B, generator=g)
+    brk = torch.zeros(B, L, dtype=torch.bool)
+    brk[0, 5] = True
+    return x, t, mask, brk
+
+
+def test_parameter_counts_match_labels():
+    assert SIZES["proteina"] == proteina.SIZES == ("tiny", "60M", "400M")
+    counts = {}
+    for size in proteina.SIZES:
+        with torch.device("meta"):  # no memory allocated, even for 400M
+            counts[size] = param_count(build_model("proteina", size))
+    for size in ("60M", "400M"):
+        assert abs(counts[size] - size_label(size)) <= 0.1 * size_label(size), counts
+    assert 100_000 <= counts["tiny"] <= 300_000
+    with torch.device("meta"):
+        big = proteina.build("400M")
+    assert len(big.pair_updates) == 4 and len(big.blocks) == 18  # updates before 0, 5, 10, 15
+    assert big.decoder.linear.in_features == 1024
+
+
+def test_build_errors_name_allowed_values():
+    with pytest.raises(ValueError, match="allowed"):
+        proteina.build("7M")
+    with pytest.raises(ValueError, match="unknown config field"):
+        proteina.build("tiny", width=3)
+    with pytest.raises(ValueError, match="divisible"):
+        proteina.build("tiny", n_heads=5)
+
+
+@pytest.mark.parametrize("tri_every", [0, 1])
+def test_padding_does_not_change_real_residues(tri_every):
+    torch.manual_seed(0)
+    model = proteina.build("tiny", tri_every=tri_every, tri_dim=8).eval()
+    x, t, mask, brk = _inputs()
+    sc = torch.randn_like(x) * mask[..., None]
+    with torch.no_grad():
+        v = model(x, t, mask, x_sc=sc, chain_break=brk)
+        # the same chains padded by 9 more slots (filled with garbage)
+        pad = lambda a, fill: torch.cat([a, fill], dim=1)  # noqa: E731
+        xp = pad(x, torch.randn(3, 9, 3) * 5)
+        mp = pad(mask, torch.zeros(3, 9, dtype=torch.bool))
+        vp = model(
+            xp,
+            t,
+            mp,
+            x_sc=pad(sc, torch.randn(3, 9, 3)),
+            chain_break=pad(brk, torch.ones(3, 9, dtype=torch.bool)),
+        )
+    assert v.shape == (3, 24, 3)
+    assert torch.equal(v[~mask], torch.zeros_like(v[~mask]))
+    assert torch.equal(vp[:, 24:], torch.zeros_like(vp[:, 24:]))
+    torch.testing.assert_close(vp[:, :24][mask], v[mask], atol=2e-5, rtol=1e-4)
+
+
+def test_self_conditioning_off_equals_zero_input():
+    model = proteina.build("tiny").eval()
+    x, t, mask, brk = _inputs(seed=1)
+    with torch.no_grad():
+        a = model(x, t, mask, chain_break=brk)
+        b = model(x, t, mask, x_sc=torch.zeros_like(x), chain_break=brk)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_pair_features_are_invariant_and_model_is_not_equivariant():
+    x, t, mask, _ = _inputs(seed=2)
+    R = haar_rotations(1, torch.Generator().manual_seed(3))[0]
+    xr = x @ R.T
+    assert torch.equal(
+        proteina.distance_bins(x, 64, 0.1, 3.0), proteina.distance_bins(xr, 64, 0.1, 3.0)
+    )
+    model = build_model("proteina", "tiny").eval()
+    with torch.no_grad():
+        v = model(x, t, mask)
+        v_rot_back = model(xr, t, mask) @ R
+    # raw-coordinate embeddings and the decoder break equivariance at initialisation
+    assert (v - v_rot_back).abs().max() > 1e-3
+
+
+def test_decoder_head_and_gradients():
+    model = proteina.build("tiny")
+    assert isinstance(
+        model.decoder.linear, torch.nn.Linear
+    ) and model.decoder.linear.weight.shape == (3, 64)
+    x, t, mask, brk = _inputs(seed=4)
+    v = model(x, t, mask, x_sc=x, chain_break=brk)
+    (v**2).sum().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.decoder.linear.weight.grad.abs().sum() > 0
+    assert param_count(model) == sum(p.numel() for p in model.parameters())
