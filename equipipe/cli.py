@@ -66,12 +66,15 @@ def cmd_subset(a) -> None:
 
 
 def cmd_train(a) -> None:
+    from equipipe.distributed import exec_torchrun, under_launcher
     from equipipe.gpulease import lease_gpu
 
     spec = _json(a.spec)
-    with lease_gpu(
-        spec.get("train", {}).get("device", "auto"), Path(a.lock_dir) if a.lock_dir else None
-    ):
+    device = spec.get("train", {}).get("device", "auto")
+    with lease_gpu(device, Path(a.lock_dir) if a.lock_dir else None, count=max(a.gpus, 1)):
+        if a.gpus > 1 and not under_launcher():
+            # one rank per GPU; exec keeps the leases (inherited lock descriptors) held
+            exec_torchrun(a.gpus, sys.argv[1:])
         from equipipe.train import train
 
         train(spec, Path(a.store), Path(a.split), Path(a.subset), Path(a.out))
@@ -212,8 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument(
         "--lock-dir",
-        default=os.environ.get("EQUIPIPE_GPU_LOCKS"),
+        default=os.environ.get("EQUIPIPE_GPU_LOCKS", ".equipipe_gpu_locks"),
         help="folder of GPU lease lock files (multi-GPU workstation)",
+    )
+    s.add_argument(
+        "--gpus", type=int, default=0, help="GPUs of this job (> 1: DDP via torchrun, one rank per GPU)"
     )
     s.set_defaults(fn=cmd_train)
 

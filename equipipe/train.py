@@ -29,6 +29,7 @@ import polars as pl
 import torch
 from torch import nn
 
+from equipipe import distributed as ddp
 from equipipe.equivariance import Decomposition, decompose, gradient_norms, head_deviation
 from equipipe.loader import RunData, step_generator
 from equipipe.so3 import haar_rotations
@@ -206,7 +207,10 @@ class Trainer:
         self.seed = int(spec.get("seed", 0))
         torch.set_num_threads(self.tcfg.threads)
         torch.manual_seed(self.seed)
-        self.device = choose_device(self.tcfg.device)
+        # DDP under torchrun (jobs with gpu > 1): batch_size is the GLOBAL batch; each rank
+        # takes a contiguous shard of it, and only rank 0 evaluates and writes.
+        self.rank, self.world, local_rank = ddp.init_from_env()
+        self.device = ddp.device_for(local_rank) if self.world > 1 else choose_device(self.tcfg.device)
         self.task: Task = make_task(spec["task"], spec.get("task_cfg", {}))
         self.data = RunData.open(
             store_dir, split_file, subset_file, self.tcfg.batch_size, self.seed,
@@ -227,7 +231,8 @@ class Trainer:
         self.wall0 = time.perf_counter()
         self.wall_offset = 0.0
         self._stop_signal: int | None = None
-        self.forward_model = torch.compile(self.model) if self.tcfg.compile else self.model
+        wrapped = ddp.wrap(self.model)
+        self.forward_model = torch.compile(wrapped) if self.tcfg.compile else wrapped
 
     # --- checkpointing --------------------------------------------------------------
 
@@ -235,6 +240,8 @@ class Trainer:
         return hashlib.sha256(json.dumps(self.spec, sort_keys=True).encode()).hexdigest()[:16]
 
     def save_checkpoint(self) -> None:
+        if not ddp.is_main():
+            return
         self.work.mkdir(parents=True, exist_ok=True)
         state = {
             "spec_hash": self.spec_hash(),
@@ -409,29 +416,32 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         total = 0.0
         for micro in range(cfg.accumulate):
-            gen = step_generator(self.seed, self.step, micro)
-            batch = to_device(
-                self.task.collate(self.data.train_examples(self.step * cfg.accumulate + micro)),
-                self.device,
-            )
+            gen = step_generator(self.seed, self.step, micro + 1000 * self.rank)
+            examples = self.data.train_examples(self.step * cfg.accumulate + micro)
+            local = ddp.shard(examples, self.rank, self.world)
+            weight = ddp.local_weight(len(local), len(examples), self.world)
+            if len(local) == 0:  # batch smaller than the world: join the all-reduce at weight 0
+                local, weight = examples[:1], 0.0
+            batch = to_device(self.task.collate(local), self.device)
             if cfg.augment_prob > 0:
                 batch = augment_rotations(self.task, batch, cfg.augment_prob, gen)
             batch = self.task.augment(batch, gen)
             use_bf16 = cfg.bf16 and self.device.type == "cuda"
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-                batch = self.task.prepare_train(self.forward_model, batch, gen)
-                loss = (
-                    self.task.loss(self.task.predict(self.forward_model, batch), batch)
-                    / cfg.accumulate
-                )
-            if not torch.isfinite(loss):
-                self.save_checkpoint()
-                raise FloatingPointError(
-                    f"non-finite training loss {loss.item()} at step {self.step}; checkpoint saved "
-                    f"in {self.work}. Lower the learning rate or enable grad_clip, then rerun."
-                )
-            loss.backward()
-            total += float(loss.detach())
+            last = micro == cfg.accumulate - 1
+            with ddp.no_sync(self.forward_model, sync=last):
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                    batch = self.task.prepare_train(self.forward_model, batch, gen)
+                    pred = self.task.predict(self.forward_model, batch)
+                    loss = self.task.loss(pred, batch) * weight / cfg.accumulate
+                # every rank stops together (a lone rank raising would hang the others)
+                if ddp.agree_max(int(not torch.isfinite(loss))):
+                    self.save_checkpoint()
+                    raise FloatingPointError(
+                        f"non-finite training loss at step {self.step}; checkpoint saved in "
+                        f"{self.work}. Lower the learning rate or enable grad_clip, then rerun."
+                    )
+                loss.backward()
+            total += float(ddp.all_reduce_mean(loss.detach()))  # the global batch's mean loss
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.opt.step()
@@ -450,10 +460,13 @@ class Trainer:
 
             bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{self.spec.get('experiment', 'run')} seed{self.seed}",
                        file=sys.stderr, mininterval=5, disable=None)  # fmt: skip
-            if self.step == 0 and not self.rows:
+            if self.step == 0 and not self.rows and ddp.is_main():
                 self.evaluate()
+            ddp.barrier()
             while self.step < cfg.steps:
-                if self._stop_signal is not None:
+                agreed = ddp.agree_max(self._stop_signal or 0)  # all ranks stop at the same step
+                if agreed:
+                    self._stop_signal = agreed
                     raise Stop
                 t0 = time.perf_counter()
                 self.model.train()
@@ -464,11 +477,13 @@ class Trainer:
                 if self.step % 10 == 0 or self.step in evals:
                     self._row("train", "train_loss", loss)
                     self._row("train", "lr", lr_at(self.step - 1, cfg))
-                if self.step == cfg.analysis_step:
+                if self.step == cfg.analysis_step and ddp.is_main():
                     self.work.mkdir(parents=True, exist_ok=True)
                     torch.save(self.model.state_dict(), early_path)
                 if self.step in evals:
-                    self.evaluate()
+                    if ddp.is_main():
+                        self.evaluate()
+                    ddp.barrier()
                 if self.step % cfg.checkpoint_every == 0 or self.step in evals:
                     self.save_checkpoint()
             bar.close()
@@ -483,6 +498,8 @@ class Trainer:
         self.finish(early_path)
 
     def finish(self, early_path: Path) -> None:
+        if not ddp.is_main():
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         if not early_path.exists():
             torch.save(self.model.state_dict(), early_path)
@@ -536,7 +553,8 @@ def run_info(tr: Trainer) -> dict[str, Any]:
         "units": tr.task.units,
         "n_train": tr.data.n_train,
         "n_eval": int(len(tr.data.val_rows)),
-        "batch_size": tr.tcfg.batch_size,
+        "batch_size": tr.tcfg.batch_size,  # global batch (all ranks together)
+        "world_size": tr.world,
         "steps": tr.tcfg.steps,
         "steps_per_epoch": tr.data.steps_per_epoch,
         "params": tr.params,

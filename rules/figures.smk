@@ -16,6 +16,7 @@ rule figure:
         svg="results/figures/{figure}.svg",
     log:
         "logs/figures/{figure}.log",
+    localrule: True
     conda:
         "../envs/figures.yaml"
     params:

@@ -26,7 +26,7 @@ rule train:
         out=train_out,
     shell:
         "equipipe train --spec {params.spec:q} --store {input.store} --split {input.split} "
-        "--subset {input.subset} --out {params.out} 2>> {log}"
+        "--subset {input.subset} --out {params.out} --gpus {resources.gpu} 2>> {log}"
 
 
 rule collect:
@@ -42,6 +42,7 @@ rule collect:
         ),
     log:
         "logs/collect.log",
+    localrule: True
     conda:
         "../envs/train.yaml"
     params:

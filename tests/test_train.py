@@ -110,3 +110,27 @@ def test_nan_loss_stops_with_message_and_checkpoint(tiny_store, tmp_path):
     assert p.returncode != 0
     assert "non-finite training loss" in err and "Lower the learning rate" in err
     assert (tmp_path / "work" / "ckpt.pt").exists()
+
+
+def test_ddp_two_ranks_on_cpu_match_single_process(tiny_store, tmp_path):
+    """`equipipe train --gpus 2` runs DDP via torchrun (gloo on CPU): same run, same numbers."""
+    s = spec(steps=8, checkpoint_every=100)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_cli(s, tiny_store, one).wait(timeout=600) == 0
+    cmd = [str(BIN / "equipipe"), "train", "--spec", json.dumps(s), "--store", str(tiny_store["store"]),
+           "--split", str(tiny_store["split"]), "--subset", str(tiny_store["subset"]), "--out", str(two),
+           "--gpus", "2"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "EQUIPIPE_GPU_SLOTS": "0"})  # fmt: skip
+    assert out.returncode == 0, "\n".join(l for l in out.stderr.splitlines() if "error" in l.lower())[-3000:]
+    assert json.loads((two / "run.json").read_text())["world_size"] == 2
+    a, b = table(one / "metrics.parquet"), table(two / "metrics.parquet")
+    assert a.select("step", "split", "metric").equals(b.select("step", "split", "metric"))
+    # same initial weights (rank 0's are broadcast) and rank 0 evaluates: step 0 is identical
+    at0 = pl.col("step") == 0
+    assert a.filter(at0)["value"].to_list() == pytest.approx(b.filter(at0)["value"].to_list(), rel=1e-6, nan_ok=True)
+    # the first step's loss is the global batch's mean (per-rank means weighted by examples;
+    # the force term is a per-atom mean, so not bit-equal to one process on the union batch)
+    loss = (pl.col("metric") == "train_loss") & (pl.col("step") == 1)
+    assert a.filter(loss)["value"][0] == pytest.approx(b.filter(loss)["value"][0], rel=0.1)
+    assert b.filter(pl.col("value").is_nan() & (pl.col("metric") == "pct")).height == 0

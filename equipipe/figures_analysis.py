@@ -1,0 +1,291 @@
+"""Figure kinds drawn from analysis outputs (``equipipe.analyses``): landscape, twirling.
+
+Registered with ``equipipe.figures.register_kind``; a kind gets a ``FigureContext`` whose
+``extra`` maps analysis names to their output folders (``results/analysis/<name>``). The folder
+drawn is the style key ``analysis`` (a name in ``extra``), else the first folder holding the
+kind's table.
+
+``landscape`` (style keys: ``analysis``, ``panels`` ["study"] or ["study", "own"],
+``shared_z`` (true), ``cmap``, ``elev``, ``azim``): 3D surfaces of L_mean and L_equiv on the
+plane of L_equiv's (λmin+, λmax) Hessian eigenvectors (the study's view), and with "own" each
+loss on its own eigenvectors; z is the change from the loss at the checkpoint; κ = λmax/λmin+,
+the quadratic-fit R^2 and the fitted curvature ratio annotated. A note states the derived fact
+(PAPER.md): with an invariant backbone and the direct head, L_mean depends on the row mean of W
+only and L_equiv on the deviation only, so L_mean is flat along L_equiv's eigenvectors.
+
+``twirling`` (style keys: ``analysis``, ``field``, ``ts`` (subset of flow times), ``ncols``,
+``xscale`` ("log"), ``yscale``): held-out squared error of the K-twirled model (points with
+standard errors) against the prediction L_mean + L_equiv / K (line and band) and, for the direct
+force head, the exact prediction from the closed form and the exact K -> infinity twirl.
+
+``kappa_table_rst(dirs, out=None)`` writes the κ tables of landscape analyses as an rst table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import polars as pl
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+
+from equipipe.figures import PALETTE, FigureContext, register_kind
+
+LOSS_LABELS = {"mean": r"$L_{mean}$ (twirled)", "equiv": r"$L_{equiv}$", "total": r"$L_{total}$"}
+COMPLEMENTARY_NOTE = (
+    "Direct head on an invariant backbone: L_mean depends only on the row mean of W, L_equiv only "
+    "on the deviation W - 1 w\u0304\u1d40,\nso their Hessians act on complementary subspaces and "
+    "L_mean is flat along every eigenvector of L_equiv's Hessian."
+)
+
+
+def _analysis_dir(ctx: FigureContext, table: str) -> Path:
+    name = ctx.style.get("analysis")
+    if name is not None:
+        if name not in ctx.extra:
+            raise ValueError(
+                f"figure ({ctx.spec.get('kind')}): analysis {name!r} is not an input; "
+                f"inputs: {sorted(ctx.extra)}"
+            )
+        return Path(ctx.extra[name])
+    for path in ctx.extra.values():
+        if (Path(path) / table).is_file():
+            return Path(path)
+    raise ValueError(
+        f"figure ({ctx.spec.get('kind')}): no analysis input holds {table}; add the analysis to "
+        f"the figure's 'analyses' (inputs: {sorted(ctx.extra)})"
+    )
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:.{digits}g}"
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# --------------------------------------------------------------------------------------------
+# Landscape
+
+
+def _surface(grid: pl.DataFrame, axes: str, loss: str):
+    g = grid.filter((pl.col("axes") == axes) & (pl.col("loss") == loss)).sort("i", "j")
+    if g.height == 0:
+        return None
+    n_i, n_j = int(g["i"].max()) + 1, int(g["j"].max()) + 1
+    a = g["alpha"].to_numpy().reshape(n_i, n_j)
+    b = g["beta"].to_numpy().reshape(n_i, n_j)
+    z = g["value"].to_numpy().reshape(n_i, n_j)
+    # change from the checkpoint: the grid point nearest the origin (exactly 0 for odd n)
+    centre = np.unravel_index(np.argmin(a**2 + b**2), a.shape)
+    return a, b, z - z[centre]
+
+
+@register_kind("landscape")
+def landscape_figure(ctx: FigureContext) -> Figure:
+    """Loss surfaces around a checkpoint on Hessian-eigenvector planes (see module docstring)."""
+    d = _analysis_dir(ctx, "landscape_grid.parquet")
+    grid = pl.read_parquet(d / "landscape_grid.parquet")
+    kappa = {
+        r["loss"]: r for r in pl.read_parquet(d / "landscape_kappa.parquet").iter_rows(named=True)
+    }
+    fits = {
+        (r["axes"], r["loss"]): r
+        for r in pl.read_parquet(d / "landscape_fit.parquet").iter_rows(named=True)
+    }
+    meta = _read_json(d / "landscape.json")
+    panels = [("equiv", "mean"), ("equiv", "equiv")]
+    if "own" in (ctx.style.get("panels") or ["study"]):
+        panels += [("mean", "mean"), ("total", "total")]
+    panels = [p for p in panels if grid.filter(pl.col("axes") == p[0]).height]
+    ncols = 2
+    nrows = max(1, math.ceil(len(panels) / ncols))
+    fig = Figure(figsize=tuple(ctx.opt("figsize", (10.5, 4.6 * nrows + 0.9))), layout="constrained")
+    surfaces = {p: _surface(grid, *p) for p in panels}
+    study = [s for (ax_name, _), s in surfaces.items() if ax_name == "equiv" and s is not None]
+    zlim = None
+    if ctx.opt("shared_z", True) and study:
+        lo = min(float(s[2].min()) for s in study)
+        hi = max(float(s[2].max()) for s in study)
+        zlim = (lo, hi if hi > lo else lo + 1.0)
+    unit = next(iter(kappa.values()), {}).get("unit")
+    cmap = matplotlib.colormaps[ctx.opt("cmap", "viridis")]
+    for idx, (axes_name, loss) in enumerate(panels):
+        ax = fig.add_subplot(nrows, ncols, idx + 1, projection="3d")
+        s = surfaces[(axes_name, loss)]
+        if s is None:
+            ax.text2D(0.5, 0.5, f"no grid for {loss}", transform=ax.transAxes, ha="center")
+            continue
+        a, b, z = s
+        # colours on the panel's z-range (shared in the study's view, so a flat L_mean stays
+        # one colour instead of stretching float noise over the whole colour map)
+        lo, hi = zlim if (zlim is not None and axes_name == "equiv") else (z.min(), z.max())
+        norm = Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1.0)
+        ax.plot_surface(a, b, z, facecolors=cmap(norm(z)), linewidth=0, antialiased=True,
+                        shade=False, rstride=1, cstride=1)  # fmt: skip
+        if zlim is not None and axes_name == "equiv":
+            ax.set_zlim(*zlim)
+        ax.set_box_aspect(None, zoom=0.82)
+        ax.view_init(elev=float(ctx.opt("elev", 28)), azim=float(ctx.opt("azim", -55)))
+        ax.set_xlabel(r"$\alpha$ ($\lambda_{min+}$ dir.)", fontsize=8)
+        ax.set_ylabel(r"$\beta$ ($\lambda_{max}$ dir.)", fontsize=8)
+        ax.set_zlabel(r"$\Delta$ loss" + (f" ({unit})" if unit else ""), fontsize=8)
+        ax.tick_params(labelsize=7)
+        owner = "L_equiv" if axes_name == "equiv" else f"L_{axes_name}"
+        ax.set_title(f"{LOSS_LABELS[loss]} on {owner}'s eigenvectors", fontsize=10)
+        k = kappa.get(loss, {})
+        fit = fits.get((axes_name, loss), {})
+        r2 = fit.get("r2")
+        shape = (
+            f"quadratic fit R² = {_fmt(r2)}, curvature ratio {_fmt(fit.get('curvature_ratio'))}"
+            if r2 is not None and math.isfinite(r2)
+            else "no resolvable curvature"
+        )
+        text = (
+            f"κ({loss}) = {_fmt(k.get('kappa'))}  (λmax {_fmt(k.get('lambda_max'))}, "
+            f"λmin+ {_fmt(k.get('lambda_min_pos'))})\n{shape}, range {_fmt(fit.get('range'))}"
+        )
+        ax.text2D(0.0, 1.0, text, transform=ax.transAxes, fontsize=7.5, va="top")
+    step = meta.get("step")
+    where = f"{meta.get('experiment') or ''} checkpoint {meta.get('checkpoint', '')}" + (
+        f" (step {step})" if step is not None else ""
+    )
+    title = ctx.style.get(
+        "title", f"Loss landscape of {meta.get('param', 'the output head')} — {where.strip()}"
+    )
+    if title:
+        fig.suptitle(title, fontsize=11)
+    note = (
+        COMPLEMENTARY_NOTE
+        if str(meta.get("param", "")).startswith("force_head")
+        else (
+            "L_mean on L_equiv's eigenvectors: curvature of the prediction part along the directions "
+            "that change equivariance most and least."
+        )
+    )
+    rot = meta.get("rotations")
+    if rot == "haar" and note == COMPLEMENTARY_NOTE:
+        note += (
+            f" Here with K = {meta.get('k')} Haar rotations per example, L_mean keeps a finite-K "
+            "sampling curvature there (exactly flat with the octahedral rotations)."
+        )
+    if rot:
+        note += f"\nRotations: {rot} (K = {meta.get('k')}); grid step {meta.get('grid_step')}."
+    fig.supxlabel(note, fontsize=7.5, color="0.25")
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Twirling
+
+
+@register_kind("twirling")
+def twirling_figure(ctx: FigureContext) -> Figure:
+    """Measured error of the K-twirled model vs L_mean + L_equiv / K (see module docstring)."""
+    d = _analysis_dir(ctx, "twirling.parquet")
+    df = pl.read_parquet(d / "twirling.parquet")
+    meta = _read_json(d / "twirling.json")
+    fields = df["field"].unique(maintain_order=True).to_list()
+    field = ctx.style.get("field") or meta.get("primary_field")
+    if field not in fields:  # no primary field recorded: the field with most equivariance error
+        share = df.group_by("field").agg(
+            (pl.col("equiv_unbiased") / pl.col("mean_unbiased").abs()).max()
+        )
+        field = share.sort("equiv_unbiased", descending=True, nulls_last=True)["field"][0]
+    df = df.filter(pl.col("field") == field)
+    ts = df["t"].unique(maintain_order=True).to_list()
+    if ctx.style.get("ts") is not None:
+        ts = [t for t in ts if t is not None and any(math.isclose(t, w) for w in ctx.style["ts"])]
+    n = max(1, len(ts))
+    ncols = max(1, min(n, int(ctx.opt("ncols", 4))))
+    nrows = math.ceil(n / ncols)
+    default = (4.4 * ncols + 0.6, 3.5 * nrows + 0.8) if n > 1 else (6.4, 4.4)
+    fig = Figure(figsize=tuple(ctx.opt("figsize", default)), layout="constrained")
+    axs = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axs[n:]:
+        ax.set_visible(False)
+    unit = df["unit"].drop_nulls().first() if df.height else None
+    for ax, t in zip(axs, ts or [None]):
+        g = df.filter(pl.col("t").is_null() if t is None else pl.col("t") == t).sort("k")
+        k = g["k"].to_numpy().astype(float)
+        meas, se = g["twirled_mse"].to_numpy(), g["twirled_mse_se"].fill_nan(0.0).to_numpy()
+        pred = g["predicted"].to_numpy()
+        pse = g["predicted_se"].fill_nan(0.0).to_numpy()
+        ax.fill_between(k, pred - 2 * pse, pred + 2 * pse, color=PALETTE[0], alpha=0.2, lw=0)
+        ax.plot(k, pred, color=PALETTE[0], label=r"prediction $L_{mean} + L_{equiv}/K$")
+        ax.errorbar(k, meas, yerr=2 * se, fmt="o", ms=3.5, color=PALETTE[3], capsize=2,
+                    label="measured (±2 SE)")  # fmt: skip
+        if g["exact_predicted"].null_count() < g.height:
+            ax.plot(k, g["exact_predicted"].to_numpy(), color="0.2", ls="--", lw=1.2,
+                    label="exact (closed form)")  # fmt: skip
+            ax.axhline(float(g["exact_twirl_mse"][0]), color="0.2", ls=":", lw=1.0,
+                       label=r"exact twirl ($K\to\infty$)")  # fmt: skip
+        ax.set_xscale(
+            ctx.opt("xscale", "log"), **({"base": 2} if ctx.opt("xscale", "log") == "log" else {})
+        )
+        ax.set_yscale(ctx.opt("yscale", "linear"))
+        ax.set_xlabel("Rotations averaged K")
+        ax.set_ylabel("Held-out squared error" + (f" ({unit})" if unit else ""))
+        if t is not None:
+            ax.set_title(f"t = {t:g}")
+        if ax is axs[0] and ctx.style.get("legend", "best") is not False:
+            ax.legend(loc=ctx.style.get("legend", "best"))
+    title = ctx.style.get(
+        "title", f"Test-time twirling: {field} ({meta.get('experiment') or 'run'}, "
+        f"{meta.get('checkpoint', 'model.pt')})",
+    )  # fmt: skip
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# κ table for the report
+
+
+def kappa_table_rst(dirs: dict[str, Path] | list[Path], out: Path | None = None) -> str:
+    """The κ tables of landscape analyses as one rst simple table (written to ``out`` if given).
+
+    Args:
+        dirs: analysis name -> folder (or a list of folders, named by their folder name).
+    """
+    if not isinstance(dirs, dict):
+        dirs = {Path(p).name: Path(p) for p in dirs}
+    header = ["analysis", "loss", "block", "rotations", "λmax", "λmin+", "κ", "null", "neg.",
+              "method", "R² (own axes)"]  # fmt: skip
+    rows = []
+    for name, d in dirs.items():
+        d = Path(d)
+        kappa = pl.read_parquet(d / "landscape_kappa.parquet")
+        fit_path = d / "landscape_fit.parquet"
+        fits = pl.read_parquet(fit_path) if fit_path.is_file() else None
+        for r in kappa.iter_rows(named=True):
+            r2 = None
+            if fits is not None:
+                f = fits.filter((pl.col("axes") == r["loss"]) & (pl.col("loss") == r["loss"]))
+                r2 = f["r2"][0] if f.height else None
+            rows.append([name, r["loss"], f"{r['param']} ({r['n_params']})",
+                         f"{r['rotations']} K={r['k']}", _fmt(r["lambda_max"]),
+                         _fmt(r["lambda_min_pos"]), _fmt(r["kappa"]), str(r["n_null"]),
+                         str(r["n_negative"]), r["method"], _fmt(r2)])  # fmt: skip
+    widths = [
+        max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
+        for i, h in enumerate(header)
+    ]
+    rule = "  ".join("=" * w for w in widths)
+
+    def line(cells):
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    text = "\n".join([rule, line(header), rule, *(line(r) for r in rows), rule, ""])
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+    return text

@@ -1,0 +1,47 @@
+"""bench/gpu_check.py runs on the CPU in --quick mode (so it will not crash on a lent GPU)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "bench" / "gpu_check.py"
+
+
+def test_absent_packages_are_blocked():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    with pytest.raises(ModuleNotFoundError, match="absent on the GPU machine"):
+        gpu_check._Absent().find_spec("polars.io")
+    assert gpu_check._Absent().find_spec("numpy") is None
+
+
+def test_quick_cpu_run_prints_one_clean_table():
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    r = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--device", "cpu"],
+        env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert "equipipe gpu_check" in out, out
+    table = out[out.index("equipipe gpu_check") :]
+    assert "ERROR" not in table and "skipped: time" not in table, table + r.stderr[-3000:]
+    for check in ("imports", "matmul peak", "train eager", "eval overhead", "train compiled"):
+        assert check in table, table
+    for model in ("escaip tiny", "proteina tiny", "voxmol tiny"):
+        assert table.count(model) == 3, table  # eager, eval overhead, compiled
+    assert "12/12 modules ok" in table
