@@ -167,12 +167,13 @@ def test_lease_survives_exec(tmp_path, monkeypatch):
         "    os.execv('/bin/sh', ['sh', '-c', 'echo exec; sleep 30'])\n"
     )
     p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=job_env(1),
-                         stdout=subprocess.PIPE, text=True)  # fmt: skip
+                         stdout=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     try:
         assert p.stdout.readline().strip() == "exec"
         assert gpulease._try_lock(tmp_path / "gpu0.lock") is None, "lease lost across exec"
     finally:
-        p.kill()
+        # the whole group: `sleep` inherits the lock descriptor and would outlive a killed `sh`
+        os.killpg(p.pid, signal.SIGKILL)
         p.wait(10)
     f = gpulease._try_lock(tmp_path / "gpu0.lock")
     assert f is not None
