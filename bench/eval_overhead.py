@@ -27,7 +27,9 @@ def real_batch(task, n_molecules: int, seed: int = 0):
         mol = embed_conformers(smi, 1, seed)
         pos = mol.GetConformer(0).GetPositions().astype(np.float32)
         z = np.array([a.GetAtomicNum() for a in mol.GetAtoms()], dtype=np.int64)
-        examples.append({"pos": pos, "z": z, "forces": np.zeros_like(pos), "energy": np.float64(0.0)})
+        examples.append(
+            {"pos": pos, "z": z, "forces": np.zeros_like(pos), "energy": np.float64(0.0)}
+        )
     task.fit(examples)
     return task.collate(examples)
 

@@ -219,7 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of GPU lease lock files (multi-GPU workstation)",
     )
     s.add_argument(
-        "--gpus", type=int, default=0, help="GPUs of this job (> 1: DDP via torchrun, one rank per GPU)"
+        "--gpus",
+        type=int,
+        default=0,
+        help="GPUs of this job (> 1: DDP via torchrun, one rank per GPU)",
     )
     s.set_defaults(fn=cmd_train)
 

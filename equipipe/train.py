@@ -210,7 +210,9 @@ class Trainer:
         # DDP under torchrun (jobs with gpu > 1): batch_size is the GLOBAL batch; each rank
         # takes a contiguous shard of it, and only rank 0 evaluates and writes.
         self.rank, self.world, local_rank = ddp.init_from_env()
-        self.device = ddp.device_for(local_rank) if self.world > 1 else choose_device(self.tcfg.device)
+        self.device = (
+            ddp.device_for(local_rank) if self.world > 1 else choose_device(self.tcfg.device)
+        )
         self.task: Task = make_task(spec["task"], spec.get("task_cfg", {}))
         self.data = RunData.open(
             store_dir, split_file, subset_file, self.tcfg.batch_size, self.seed,

@@ -95,8 +95,15 @@ def test_subsets_are_nested_and_sized():
 def test_predefined_split_keeps_release_split():
     index = pl.DataFrame({"id": [f"x{i}" for i in range(20)], "key": [f"k{i % 5}" for i in range(20)],
                           "n_atoms": [3] * 20, "source": ["maceoff23/train"] * 15 + ["maceoff23/test"] * 5})  # fmt: skip
-    split = make_split(index, {"train": 0.9, "val": 0.1}, 0, {"column": "source", "values": {"maceoff23/train": "train", "maceoff23/test": "val"}})
+    split = make_split(
+        index,
+        {"train": 0.9, "val": 0.1},
+        0,
+        {"column": "source", "values": {"maceoff23/train": "train", "maceoff23/test": "val"}},
+    )
     got = dict(zip(split["id"], split["split"]))
-    assert all(got[f"x{i}"] == "train" for i in range(15)) and all(got[f"x{i}"] == "val" for i in range(15, 20))
+    assert all(got[f"x{i}"] == "train" for i in range(15)) and all(
+        got[f"x{i}"] == "val" for i in range(15, 20)
+    )
     with pytest.raises(ValueError, match="not an index column"):
         make_split(index, {"train": 1.0}, 0, {"column": "nope", "values": {}})

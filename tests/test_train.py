@@ -28,7 +28,11 @@ def tiny_store(tmp_path_factory) -> dict[str, Path]:
     spice.preprocess(root / "raw", root / "store", {})
     write_split(root / "store", root / "split.parquet", {"train": 0.5, "val": 0.5}, 0)
     write_subset(root / "split.parquet", root / "all.parquet", 1.0, "fraction")
-    return {"store": root / "store", "split": root / "split.parquet", "subset": root / "all.parquet"}
+    return {
+        "store": root / "store",
+        "split": root / "split.parquet",
+        "subset": root / "all.parquet",
+    }
 
 
 def spec(**train) -> dict:
@@ -47,11 +51,23 @@ def run_cli(s: dict, d: dict, out: Path, **popen) -> subprocess.Popen:
 
 
 def table(path: Path) -> pl.DataFrame:
-    return pl.read_parquet(path).drop("wall_s").sort(["step", "split", "metric", "field", "t"], nulls_last=True)
+    return (
+        pl.read_parquet(path)
+        .drop("wall_s")
+        .sort(["step", "split", "metric", "field", "t"], nulls_last=True)
+    )
 
 
 def test_eval_schedule_and_lr():
-    assert eval_steps(1000, 100, [1, 2, 5, 10, 20, 50, 100, 200]) == [0, 1, 2, 5, 10, 20, 50] + list(range(100, 1001, 100))
+    assert eval_steps(1000, 100, [1, 2, 5, 10, 20, 50, 100, 200]) == [
+        0,
+        1,
+        2,
+        5,
+        10,
+        20,
+        50,
+    ] + list(range(100, 1001, 100))
     assert eval_steps(30, 100, [1, 2, 5, 10, 20, 50]) == [0, 1, 2, 5, 10, 20, 30]
     cfg = TrainConfig(steps=100, lr=1.0, schedule="cosine", warmup_steps=10, lr_floor=0.5)
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
@@ -69,7 +85,9 @@ def test_sigterm_checkpoints_and_resume_equals_uninterrupted(tiny_store, tmp_pat
     p = run_cli(s, tiny_store, out, stderr=subprocess.PIPE, text=True)
     partial = out / "work" / "metrics.partial.parquet"
     deadline = time.time() + 300
-    while time.time() < deadline and not (partial.exists() and pl.read_parquet(partial)["step"].max() >= 6):
+    while time.time() < deadline and not (
+        partial.exists() and pl.read_parquet(partial)["step"].max() >= 6
+    ):
         time.sleep(0.1)
     p.send_signal(signal.SIGTERM)
     err = p.communicate(timeout=120)[1]
@@ -89,14 +107,30 @@ def test_sigterm_checkpoints_and_resume_equals_uninterrupted(tiny_store, tmp_pat
 def test_outputs_and_metric_table(tiny_store, tmp_path):
     assert run_cli(spec(), tiny_store, tmp_path).wait(timeout=600) == 0
     m = pl.read_parquet(tmp_path / "metrics.parquet")
-    assert m.columns == ["step", "epoch", "wall_s", "split", "metric", "field", "t", "value", "n_elements", "unit"]
+    assert m.columns == [
+        "step",
+        "epoch",
+        "wall_s",
+        "split",
+        "metric",
+        "field",
+        "t",
+        "value",
+        "n_elements",
+        "unit",
+    ]
     pct = m.filter((pl.col("metric") == "pct") & (pl.col("field") == "forces"))
     assert pct["step"].to_list() == [0, 1, 2, 8, 16, 24]
     got = set(m.filter(pl.col("step") == 8)["metric"])
     assert {"total", "mean", "equiv", "equiv_unbiased", "mean_unbiased", "k", "pct", "total_se", "equiv_se",
             "grad_norm_equiv", "grad_norm_mean", "grad_ratio", "head_deviation", "force_mae", "energy_mae"} <= got  # fmt: skip
     # T = M + E per element, as logged
-    row = {r["metric"]: r["value"] for r in m.filter((pl.col("step") == 8) & (pl.col("field") == "forces")).iter_rows(named=True)}
+    row = {
+        r["metric"]: r["value"]
+        for r in m.filter((pl.col("step") == 8) & (pl.col("field") == "forces")).iter_rows(
+            named=True
+        )
+    }
     assert row["total"] == pytest.approx(row["mean"] + row["equiv"], rel=1e-9)
     assert set(m.filter(pl.col("split") == "val_ema")["metric"]) >= {"force_mae"}
     for name in ("model.pt", "early.pt", "run.json"):
@@ -105,7 +139,9 @@ def test_outputs_and_metric_table(tiny_store, tmp_path):
 
 
 def test_nan_loss_stops_with_message_and_checkpoint(tiny_store, tmp_path):
-    p = run_cli(spec(lr=1e30, grad_clip=None), tiny_store, tmp_path, stderr=subprocess.PIPE, text=True)
+    p = run_cli(
+        spec(lr=1e30, grad_clip=None), tiny_store, tmp_path, stderr=subprocess.PIPE, text=True
+    )
     err = p.communicate(timeout=600)[1]
     assert p.returncode != 0
     assert "non-finite training loss" in err and "Lower the learning rate" in err
@@ -122,13 +158,17 @@ def test_ddp_two_ranks_on_cpu_match_single_process(tiny_store, tmp_path):
            "--gpus", "2"]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1", "EQUIPIPE_GPU_SLOTS": "0"})  # fmt: skip
-    assert out.returncode == 0, "\n".join(l for l in out.stderr.splitlines() if "error" in l.lower())[-3000:]
+    assert out.returncode == 0, "\n".join(
+        l for l in out.stderr.splitlines() if "error" in l.lower()
+    )[-3000:]
     assert json.loads((two / "run.json").read_text())["world_size"] == 2
     a, b = table(one / "metrics.parquet"), table(two / "metrics.parquet")
     assert a.select("step", "split", "metric").equals(b.select("step", "split", "metric"))
     # same initial weights (rank 0's are broadcast) and rank 0 evaluates: step 0 is identical
     at0 = pl.col("step") == 0
-    assert a.filter(at0)["value"].to_list() == pytest.approx(b.filter(at0)["value"].to_list(), rel=1e-6, nan_ok=True)
+    assert a.filter(at0)["value"].to_list() == pytest.approx(
+        b.filter(at0)["value"].to_list(), rel=1e-6, nan_ok=True
+    )
     # the first step's loss is the global batch's mean (per-rank means weighted by examples;
     # the force term is a per-atom mean, so not bit-equal to one process on the union batch)
     loss = (pl.col("metric") == "train_loss") & (pl.col("step") == 1)

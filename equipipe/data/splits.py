@@ -73,15 +73,23 @@ def make_split(
     if predefined:
         column, values = predefined["column"], predefined["values"]
         if column not in index.columns:
-            raise ValueError(f"split.predefined.column {column!r} is not an index column; allowed: {index.columns}")
-        given = pl.col(column).cast(pl.String).replace_strict(values, default=None, return_dtype=pl.String)
+            raise ValueError(
+                f"split.predefined.column {column!r} is not an index column; allowed: {index.columns}"
+            )
+        given = (
+            pl.col(column)
+            .cast(pl.String)
+            .replace_strict(values, default=None, return_dtype=pl.String)
+        )
         hashed = pl.coalesce(given, hashed)
-    df = index.with_columns(pl.col("key").cast(pl.String)).select(
-        "id", "key", "n_atoms", hashed.alias("split")
-    ).with_columns(
-        pl.col("id")
-        .map_elements(lambda s: stable_hash(s, seed + 1), return_dtype=pl.Float64)
-        .alias("rank"),
+    df = (
+        index.with_columns(pl.col("key").cast(pl.String))
+        .select("id", "key", "n_atoms", hashed.alias("split"))
+        .with_columns(
+            pl.col("id")
+            .map_elements(lambda s: stable_hash(s, seed + 1), return_dtype=pl.Float64)
+            .alias("rank"),
+        )
     )
     return df.sort("rank")
 
@@ -111,7 +119,11 @@ def make_subset(split: pl.DataFrame, size: float | int, unit: str) -> pl.DataFra
 
 
 def write_split(
-    store_dir: Path, out: Path, fractions: dict[str, float], seed: int, predefined: dict | None = None
+    store_dir: Path,
+    out: Path,
+    fractions: dict[str, float],
+    seed: int,
+    predefined: dict | None = None,
 ) -> None:
     """CLI helper: read the store index, write ``split.parquet``."""
     index = pl.read_parquet(Path(store_dir) / "index.parquet")
