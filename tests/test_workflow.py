@@ -179,3 +179,14 @@ def test_sigkill_then_rerun_incomplete_resumes_to_identical_metrics(finished, tm
                    check=True, capture_output=True, env=env)  # fmt: skip
     ref = _metrics_without_wall(ref_dir / "metrics.parquet")
     assert resumed.equals(ref)
+
+
+def test_paper_grid_plans_offline_quickly():
+    """`snakemake -n --configfile config/paper.yaml` plans every training job, < 5 s of CPU."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from plan_speed import plan
+
+    wall, cpu, text = plan("config/paper.yaml")
+    jobs = planned_jobs(subprocess.CompletedProcess([], 0, text, ""))
+    assert jobs["train"] == 29 and jobs["download_spice"] == 1 and jobs["download_geom"] == 1
+    assert cpu < 5.0, f"planning took {cpu:.1f} s of CPU ({wall:.1f} s wall)"
