@@ -30,24 +30,12 @@ import torch
 from torch import nn
 
 from equipipe import distributed as ddp
+from equipipe.collect import METRICS_SCHEMA as METRIC_SCHEMA
 from equipipe.equivariance import Decomposition, decompose, gradient_norms, head_deviation
 from equipipe.loader import RunData, step_generator
 from equipipe.so3 import haar_rotations
 from equipipe.tasks import make_task
 from equipipe.tasks.base import Batch, Task, to_device
-
-METRIC_SCHEMA = {
-    "step": pl.Int64,
-    "epoch": pl.Float64,
-    "wall_s": pl.Float64,
-    "split": pl.String,
-    "metric": pl.String,
-    "field": pl.String,
-    "t": pl.Float64,
-    "value": pl.Float64,
-    "n_elements": pl.Int64,
-    "unit": pl.String,
-}
 
 
 @dataclass

@@ -854,3 +854,45 @@ def verify_gzip(path: str | os.PathLike) -> int:
             "download it again"
         ) from e
     return n
+
+
+def file_digest(path: Path, algo: str) -> str:
+    """Hex digest (``md5`` or ``sha256``) of a file, read in blocks."""
+    h = hashlib.md5(usedforsecurity=False) if algo == "md5" else hashlib.new(algo)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 23):
+            h.update(block)
+    return h.hexdigest()
+
+
+def use_local_copy(
+    src: Path,
+    dest: Path,
+    *,
+    size: int | None = None,
+    md5: str | None = None,
+    sha256: str | None = None,
+) -> bool:
+    """Symlink an existing file (a user's download folder) to ``dest`` if it verifies.
+
+    Checks size, md5 and sha256 where given; returns False (and logs why) when the file is
+    missing or does not match, so the caller downloads instead. The link lands atomically.
+    """
+    src, dest = Path(src), Path(dest)
+    if not src.is_file():
+        log.warning("%s is missing; downloading instead", src)
+        return False
+    if size is not None and src.stat().st_size != size:
+        log.warning("%s has %d bytes, expected %d; downloading", src, src.stat().st_size, size)
+        return False
+    for algo, want in (("md5", md5), ("sha256", sha256)):
+        if want and file_digest(src, algo) != want.lower():
+            log.warning("%s does not match %s %s; downloading", src, algo, want)
+            return False
+    if dest.exists() and dest.resolve() == src.resolve():
+        return True
+    tmp = dest.with_name(dest.name + ".link")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(src.resolve())
+    os.replace(tmp, dest)
+    return True

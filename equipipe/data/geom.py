@@ -79,6 +79,7 @@ from typing import Any
 import numpy as np
 
 from equipipe.data import safe_pickle
+from equipipe.data.download import file_digest, use_local_copy
 
 log = logging.getLogger(__name__)
 
@@ -197,41 +198,11 @@ def smiles_hash(smiles: str) -> str:
     return hashlib.sha1(smiles.encode()).hexdigest()[:16]
 
 
-def _file_digest(path: Path, algo: str) -> str:
-    h = hashlib.new(algo, usedforsecurity=False)
-    with open(path, "rb") as f:
-        while block := f.read(1 << 23):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
 # ----------------------------------------------------------------------------- download
-
-
-def _link_local(
-    name: str, out_dir: Path, local_dir: Path, md5: str | None, sha256: str | None
-) -> bool:
-    src = Path(local_dir) / name
-    if not src.is_file():
-        return False
-    if md5 and _file_digest(src, "md5") != md5:
-        log.warning("%s does not match md5 %s; downloading", src, md5)
-        return False
-    if sha256 and _file_digest(src, "sha256") != sha256:
-        log.warning("%s does not match sha256 %s; downloading", src, sha256)
-        return False
-    dest = out_dir / name
-    if dest.exists() and dest.resolve() == src.resolve():
-        return True
-    tmp = dest.with_name(dest.name + ".link")
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(src.resolve())
-    os.replace(tmp, dest)
-    return True
 
 
 def download(source: str, out_dir: Path, cfg: dict | None = None) -> None:
@@ -275,7 +246,8 @@ def download(source: str, out_dir: Path, cfg: dict | None = None) -> None:
                 ARCHIVE,
             )
         if not (
-            cfg["download_dir"] and _link_local(ARCHIVE, out_dir, cfg["download_dir"], md5, None)
+            cfg["download_dir"]
+            and use_local_copy(Path(cfg["download_dir"]) / ARCHIVE, out_dir / ARCHIVE, md5=md5)
         ):
             fetch(
                 RemoteFile(remote.url, size=remote.size, md5=md5, name=ARCHIVE), out_dir / ARCHIVE
@@ -293,7 +265,9 @@ def download(source: str, out_dir: Path, cfg: dict | None = None) -> None:
     pins = cfg["midi_sha256"] or {}
     for name, facts in spec["files"].items():
         sha = pins.get(facts["split"])
-        if cfg["download_dir"] and _link_local(name, out_dir, cfg["download_dir"], None, sha):
+        if cfg["download_dir"] and use_local_copy(
+            Path(cfg["download_dir"]) / name, out_dir / name, sha256=sha
+        ):
             continue
         url = cfg["midi_url"].rstrip("/") + "/" + name
         fetch(RemoteFile(url, sha256=sha, name=name), out_dir / name)
@@ -465,7 +439,7 @@ def build_embedded(out_dir: Path, cfg: dict | None = None) -> None:
     manifest = {
         "format": EMBEDDED_FORMAT,
         "archive": ARCHIVE,
-        "archive_sha256": _file_digest(tmp, "sha256"),
+        "archive_sha256": file_digest(tmp, "sha256"),
         "members": {name: _sha256(data) for name, data in sorted(members.items())},
         "n_molecules": len(good),
         "n_conformers": sum(v["totalconfs"] for v in summary.values()),
@@ -525,7 +499,7 @@ def member_verifier(raw_dir: Path, cfg: dict) -> tuple[str, Callable[[str, bytes
         pinned = manifest.get("members") or {}
         if (
             manifest.get("archive_sha256")
-            and _file_digest(archive, "sha256") != manifest["archive_sha256"]
+            and file_digest(archive, "sha256") != manifest["archive_sha256"]
         ):
             raise CorruptFileError(
                 f"{archive} does not match the sha256 pinned in {manifest_path}: rebuild it "
@@ -546,7 +520,7 @@ def member_verifier(raw_dir: Path, cfg: dict) -> tuple[str, Callable[[str, bytes
         md5 = json.loads(source_json.read_text()).get("md5")
         origin = f"md5 published by the Dataverse API (recorded in {source_json.name})"
     if md5:
-        actual = _file_digest(archive, "md5")
+        actual = file_digest(archive, "md5")
         if actual != str(md5).lower():
             raise CorruptFileError(
                 f"{archive} has md5 {actual}, the {origin} is {md5}: truncated or tampered - "
@@ -570,7 +544,7 @@ def member_verifier(raw_dir: Path, cfg: dict) -> tuple[str, Callable[[str, bytes
 def _verify_midi_file(path: Path, split: str, cfg: dict) -> str:
     pin = (cfg["midi_sha256"] or {}).get(split)
     if pin:
-        actual = _file_digest(path, "sha256")
+        actual = file_digest(path, "sha256")
         if actual != str(pin).lower():
             raise CorruptFileError(
                 f"{path} has sha256 {actual}, midi_sha256[{split!r}] pins {pin}: delete it and "

@@ -31,7 +31,6 @@ Config keys (``DEFAULTS``):
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -158,37 +157,6 @@ def _z_of(symbols) -> set[int]:
 # ----------------------------------------------------------------------------- download
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while block := f.read(1 << 23):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _use_local_copy(name: str, facts: dict, out_dir: Path, local_dir: Path) -> bool:
-    """Link ``local_dir/name`` into ``out_dir`` if it verifies (size, md5 where known)."""
-    src = Path(local_dir) / name
-    if not src.is_file():
-        log.warning("download_dir %s has no %s; downloading it", local_dir, name)
-        return False
-    size, md5 = facts.get("size"), facts.get("md5")
-    if size is not None and src.stat().st_size != size:
-        log.warning("%s has %d bytes, expected %d; downloading", src, src.stat().st_size, size)
-        return False
-    if md5 is not None and _md5(src) != md5:
-        log.warning("%s does not match md5 %s; downloading", src, md5)
-        return False
-    dest = out_dir / name
-    if dest.resolve() == src.resolve():
-        return True
-    tmp = dest.with_name(dest.name + ".link")
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(src.resolve())
-    os.replace(tmp, dest)
-    return True
-
-
 def download(source: str, out_dir: Path, cfg: dict | None = None) -> None:
     """Fetch ``source``'s file(s) into ``out_dir`` through :mod:`equipipe.data.download`.
 
@@ -197,7 +165,13 @@ def download(source: str, out_dir: Path, cfg: dict | None = None) -> None:
     ``embedded`` builds the file instead (:func:`build_embedded`). With ``cfg['download_dir']``
     set, a file there that verifies is linked into ``out_dir`` and nothing is downloaded.
     """
-    from equipipe.data.download import DownloadError, RemoteFile, fetch, zenodo_file
+    from equipipe.data.download import (
+        DownloadError,
+        RemoteFile,
+        fetch,
+        use_local_copy,
+        zenodo_file,
+    )
 
     cfg = _config({**(cfg or {}), "source": source})
     out_dir = Path(out_dir)
@@ -207,8 +181,11 @@ def download(source: str, out_dir: Path, cfg: dict | None = None) -> None:
         build_embedded(out_dir, cfg)
         return
     for name, facts in spec["files"].items():
-        if cfg.get("download_dir") and _use_local_copy(
-            name, facts, out_dir, Path(cfg["download_dir"])
+        if cfg.get("download_dir") and use_local_copy(
+            Path(cfg["download_dir"]) / name,
+            out_dir / name,
+            size=facts.get("size"),
+            md5=facts.get("md5"),
         ):
             continue
         if spec["kind"] == "zenodo":
