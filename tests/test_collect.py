@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from equipipe.collect import STUDY_REF, collect, load_runs, pct_scale
+from equipipe.collect import METRICS_SCHEMA, STUDY_REF, collect, load_runs, pct_scale
 from equipipe.smoothing import alphas, dip, ema
 
 # ------------------------------------------------------------------ smoothing
@@ -85,18 +85,7 @@ def _write_run(root, exp, seed, rows, **info):
     d.mkdir(parents=True)
     df = pl.DataFrame(
         rows,
-        schema={
-            "step": pl.Int64,
-            "epoch": pl.Float64,
-            "wall_s": pl.Float64,
-            "split": pl.String,
-            "metric": pl.String,
-            "field": pl.String,
-            "t": pl.Float64,
-            "value": pl.Float64,
-            "n_elements": pl.Int64,
-            "unit": pl.String,
-        },
+        schema=METRICS_SCHEMA,
         orient="row",
     )
     df.write_parquet(d / "metrics.parquet")

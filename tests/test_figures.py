@@ -12,25 +12,10 @@ import pytest
 from matplotlib.figure import Figure
 
 from equipipe import figures
+from equipipe.collect import METRICS_SCHEMA, RUN_COLUMNS
 from equipipe.figures import KINDS, build_figure, make_figure, register_kind
 
-SCHEMA = {
-    "experiment": pl.String,
-    "seed": pl.Int64,
-    "task": pl.String,
-    "model": pl.String,
-    "size": pl.String,
-    "step": pl.Int64,
-    "epoch": pl.Float64,
-    "wall_s": pl.Float64,
-    "split": pl.String,
-    "metric": pl.String,
-    "field": pl.String,
-    "t": pl.Float64,
-    "value": pl.Float64,
-    "n_elements": pl.Int64,
-    "unit": pl.String,
-}
+SCHEMA = {**RUN_COLUMNS, **METRICS_SCHEMA}
 STEPS = np.unique(np.concatenate([[1, 2, 5, 10, 20, 50], np.arange(100, 3001, 100)]))
 
 
