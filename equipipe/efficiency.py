@@ -569,12 +569,14 @@ def efficiency_gap(ctx: FigureContext) -> Figure:
         verdict = (
             "equivariant model wins per device-hour" if cv < cs else "non-equivariant model wins"
         )
+        if n["a_step_ratio"]["value"] is None:  # (a) failed: the verdict rests on a false premise
+            verdict += " IF (a) held — it does not here"
     lines = [
         f"c = {_fmt(n['c'])}   (per-step cost ratio, seconds per training step from run.json)",
         f"p = {_fmt(n['p'])}   (share of {ctx.label(base)}'s loss from equivariance error; "
         f"{n['p']['method']})",
         f"α = {_fmt(n['alpha'])}   (loss ∝ compute^-α; ± residual SE, [16-84 % bootstrap])",
-        f"c* = (1 - p)^(-1/α) = {_fmt(n['c_star'])}   →  {verdict}  "
+        f"c* = (1 - p)^(-1/α) = {_fmt(n['c_star'], 5)}   →  {verdict}  "
         f"(P(c < c*) = {_fmt({'value': n['equivariant_wins_probability']['value']}, 2)})",
         f"check (a): steps to reach L_mean / baseline steps = "
         f"{_fmt({**n['a_step_ratio'], 'se': None})};  measured compute ratio = "
