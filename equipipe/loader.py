@@ -26,6 +26,13 @@ class RunData:
     val_rows: np.ndarray  # store rows of the held-out examples used for evaluation
     batch_size: int
     seed: int
+    per_key: bool = False  # each epoch: one random example per key (cluster), as Proteina samples
+
+    def __post_init__(self) -> None:
+        keys = self.store.index["key"].cast(str).to_numpy()[self.train_rows]
+        order = np.argsort(keys, kind="stable")
+        _, starts = np.unique(keys[order], return_index=True)
+        self._groups = np.split(self.train_rows[order], starts[1:])  # rows of each key, key-sorted
 
     @classmethod
     def open(
@@ -37,6 +44,7 @@ class RunData:
         seed: int,
         eval_split: str = "val",
         eval_examples: int | None = None,
+        per_key: bool = False,
     ) -> RunData:
         store = Store(store_dir)
         split = pl.read_parquet(split_file)
@@ -46,20 +54,27 @@ class RunData:
             raise ValueError(f"split {split_file} has no {eval_split!r} examples to evaluate on")
         if eval_examples:
             held = held.head(eval_examples)
-        return cls(
-            store, store.rows(subset_ids), store.rows(held["id"].to_list()), batch_size, seed
-        )
+        train_rows, held_rows = store.rows(subset_ids), store.rows(held["id"].to_list())
+        return cls(store, train_rows, held_rows, batch_size, seed, per_key)
 
     @property
     def n_train(self) -> int:
         return len(self.train_rows)
 
     @property
+    def epoch_size(self) -> int:
+        """Examples seen per epoch: all training examples, or one per key with ``per_key``."""
+        return len(self._groups) if self.per_key else self.n_train
+
+    @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.n_train / self.batch_size)
+        return math.ceil(self.epoch_size / self.batch_size)
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, epoch])
+        if self.per_key:
+            picks = np.array([g[rng.integers(len(g))] for g in self._groups])
+            return picks[rng.permutation(len(picks))]
         return self.train_rows[rng.permutation(self.n_train)]
 
     def train_examples(self, step: int) -> list[dict]:

@@ -62,6 +62,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     bf16: bool = True  # autocast on CUDA only
     compile: bool = False
+    sample_per_cluster: bool = False  # one random example per store key each epoch (Proteina)
     checkpoint_every: int = 200
     analysis_step: int = 500
 
@@ -204,7 +205,7 @@ class Trainer:
         self.task: Task = make_task(spec["task"], spec.get("task_cfg", {}))
         self.data = RunData.open(
             store_dir, split_file, subset_file, self.tcfg.batch_size, self.seed,
-            self.ecfg.split, self.ecfg.examples,
+            self.ecfg.split, self.ecfg.examples, self.tcfg.sample_per_cluster,
         )  # fmt: skip
         self.task_state = self.task.fit(self.data.train_sample(20000))
         self.model = self.task.build_model(spec["size"]).to(self.device)

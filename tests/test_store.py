@@ -107,3 +107,26 @@ def test_predefined_split_keeps_release_split():
     )
     with pytest.raises(ValueError, match="not an index column"):
         make_split(index, {"train": 1.0}, 0, {"column": "nope", "values": {}})
+
+
+def test_per_key_sampling_draws_one_example_per_cluster_each_epoch(tmp_path):
+    from equipipe.loader import RunData
+
+    rng = np.random.default_rng(0)
+    with StoreWriter(tmp_path / "s", per_atom=["pos"]) as w:
+        for i in range(30):
+            w.add(f"c{i % 7}/{i}", f"c{i % 7}", {"pos": rng.normal(size=(3, 3)).astype(np.float32)})
+    store = Store(tmp_path / "s")
+    data = RunData(store, np.arange(30), np.arange(2), batch_size=3, seed=0, per_key=True)
+    assert data.epoch_size == 7 and data.steps_per_epoch == 3
+    keys = store.index["key"].to_list()
+    picks = []
+    for epoch in range(6):
+        order = data._epoch_order(epoch)
+        assert sorted(keys[r] for r in order) == sorted(set(keys))  # every cluster exactly once
+        picks.append(tuple(sorted(order)))
+    assert len(set(picks)) > 1  # a different chain of each cluster in different epochs
+    again = RunData(store, np.arange(30), np.arange(2), batch_size=3, seed=0, per_key=True)
+    assert np.array_equal(again._epoch_order(3), data._epoch_order(3))  # resumable
+    plain = RunData(store, np.arange(30), np.arange(2), batch_size=3, seed=0)
+    assert plain.epoch_size == 30 and sorted(plain._epoch_order(0)) == list(range(30))
