@@ -20,10 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.parametrize("name", ["config.yaml", "paper.yaml"])
 def test_shipped_configs_validate(name):
-    path = ROOT / "config" / name
-    if not path.exists():
-        pytest.skip(f"{name} not present")
-    cfg = load_config(path)
+    cfg = load_config(ROOT / "config" / name)
     assert runs(cfg)
     for e, s in runs(cfg):
         spec = run_spec(cfg, e, s)

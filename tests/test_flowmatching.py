@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import numpy as np
@@ -203,8 +202,6 @@ def test_equivariant_toy_has_zero_equivariance_error_at_every_t(task):
     for _, view in views:  # direct: canonicalize(predict(rotate(view))) == predict(view)
         z = task.canonicalize(task.predict(model, task.rotate(view, R)), R)["x1"]
         torch.testing.assert_close(z, task.predict(model, view)["x1"], atol=1e-10, rtol=0)
-    if importlib.util.find_spec("equipipe.equivariance") is None:
-        pytest.skip("equipipe.equivariance not available; the direct check above passed")
     from equipipe.equivariance import decompose
 
     nonequiv = task.build_model("tiny").double()
