@@ -330,3 +330,34 @@ def parallel_map(
             return out
     finally:
         bar.close()
+
+
+def draw_until(
+    n: int,
+    smiles: Callable[[int], list[str]],
+    make_task: Callable[[int, str], dict],
+    fn: Callable[[dict], Any],
+    is_ok: Callable[[Any], bool],
+    workers: int,
+    desc: str,
+) -> tuple[list[tuple[dict, Any]], list[tuple[dict, Any]]]:
+    """Build molecules in seeded pool order until ``n`` succeed; a failure draws the next one.
+
+    ``smiles(m)`` gives the first m SMILES of the pool, ``make_task(j, smiles)`` the task of pool
+    index j, ``fn`` runs one task in a worker process. Indices are consumed in order a batch at a
+    time, so the result does not depend on the worker count.
+
+    Returns:
+        (successes, failures) as lists of (task, result).
+    """
+    good: list[tuple[dict, Any]] = []
+    bad: list[tuple[dict, Any]] = []
+    k = 0
+    while len(good) < n:
+        need = n - len(good)
+        pool = smiles(k + need)
+        tasks = [make_task(j, pool[j]) for j in range(k, k + need)]
+        k += need
+        for task, result in zip(tasks, parallel_map(fn, tasks, workers, desc=desc)):
+            (good if is_ok(result) else bad).append((task, result))
+    return good, bad

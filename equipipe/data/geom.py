@@ -375,7 +375,7 @@ def build_embedded(out_dir: Path, cfg: dict | None = None) -> None:
     is byte-reproducible; ``rdkit_folder.manifest.json`` pins the sha256 of every member and
     of the archive, and records the build time.
     """
-    from equipipe.data.embedded import GEOM_ELEMENTS, item_seed, parallel_map, smiles_pool
+    from equipipe.data.embedded import GEOM_ELEMENTS, draw_until, item_seed, smiles_pool
 
     cfg = _config(cfg)
     out_dir = Path(out_dir)
@@ -386,32 +386,28 @@ def build_embedded(out_dir: Path, cfg: dict | None = None) -> None:
             f"geom: n_molecules ({n}) and conformers ({cfg['conformers']}) must be >= 1"
         )
     t0 = time.perf_counter()
-    good: list[dict] = []
-    failed: list[str] = []
-    k = 0
-    while len(good) < n:
-        need = n - len(good)
-        smis = smiles_pool(k + need, seed, cfg["min_heavy"], cfg["max_heavy"], GEOM_ELEMENTS)
-        tasks = [
-            {
-                "index": j,
-                "smiles": smis[j],
-                "n_confs": int(cfg["conformers"]),
-                "embed_seed": item_seed(seed, j, 0),
-                "rotation_seed": item_seed(seed, j, 1),
-                "prune_rms": float(cfg["prune_rms"]),
-                "temperature": float(cfg["temperature"]),
-            }
-            for j in range(k, k + need)
-        ]
-        k += need
-        for r in parallel_map(_embedded_molecule, tasks, int(cfg["workers"]), desc="GEOM embedded"):
-            if "error" in r:
-                log.warning("embedded GEOM: skipped %s: %s", r["smiles"], r["error"])
-                failed.append(f"{r['smiles']}: {r['error']}")
-            else:
-                good.append(r)
-                failed.extend(f"{r['smiles']}: {f}" for f in r["failed"])
+    pairs, bad = draw_until(
+        n,
+        lambda m: smiles_pool(m, seed, cfg["min_heavy"], cfg["max_heavy"], GEOM_ELEMENTS),
+        lambda j, smi: {
+            "index": j,
+            "smiles": smi,
+            "n_confs": int(cfg["conformers"]),
+            "embed_seed": item_seed(seed, j, 0),
+            "rotation_seed": item_seed(seed, j, 1),
+            "prune_rms": float(cfg["prune_rms"]),
+            "temperature": float(cfg["temperature"]),
+        },
+        _embedded_molecule,
+        lambda r: "error" not in r,
+        int(cfg["workers"]),
+        "GEOM embedded",
+    )
+    failed = [f"{r['smiles']}: {r['error']}" for _, r in bad]
+    for line in failed:
+        log.warning("embedded GEOM: skipped %s", line)
+    good = [r for _, r in pairs]
+    failed += [f"{r['smiles']}: {f}" for r in good for f in r["failed"]]
 
     members: dict[str, bytes] = {}
     summary: dict[str, dict] = {}

@@ -48,11 +48,11 @@ from equipipe.data.embedded import (
     BOHR_ANGSTROM,
     HARTREE_EV,
     SPICE_ELEMENTS,
+    draw_until,
     embed_conformers,
     isolated_atom_energies,
     item_seed,
     mapped_smiles,
-    parallel_map,
     seeded_rotations,
     smiles_pool,
     thermal_perturb,
@@ -269,33 +269,28 @@ def build_embedded(out_dir: Path, cfg: dict | None = None) -> None:
     t0 = time.perf_counter()
     atom_e = isolated_atom_energies(elements)
 
-    good: list[tuple[int, dict]] = []
-    failed: list[str] = []
-    k = 0
-    while len(good) < n:
-        need = n - len(good)
-        smis = smiles_pool(k + need, seed, cfg["min_heavy"], cfg["max_heavy"], elements)
-        tasks = [
-            {
-                "index": j,
-                "smiles": smis[j],
-                "n_confs": m,
-                "embed_seed": item_seed(seed, j, 0),
-                "perturb_seed": item_seed(seed, j, 1),
-                "rotations": seeded_rotations(m, item_seed(seed, j, 2)),
-                "sigma": float(cfg["thermal_sigma"]),
-                "prune": float(cfg["prune_rms"]),
-            }
-            for j in range(k, k + need)
-        ]
-        k += need
-        results = parallel_map(_build_molecule, tasks, int(cfg["workers"]), desc="SPICE embedded")
-        for t, r in zip(tasks, results):
-            if isinstance(r, str):
-                log.warning("embedded SPICE: skipped %s", r)
-                failed.append(r)
-            else:
-                good.append((t["index"], {**r, "rotations": t["rotations"]}))
+    pairs, bad = draw_until(
+        n,
+        lambda count: smiles_pool(count, seed, cfg["min_heavy"], cfg["max_heavy"], elements),
+        lambda j, smi: {
+            "index": j,
+            "smiles": smi,
+            "n_confs": m,
+            "embed_seed": item_seed(seed, j, 0),
+            "perturb_seed": item_seed(seed, j, 1),
+            "rotations": seeded_rotations(m, item_seed(seed, j, 2)),
+            "sigma": float(cfg["thermal_sigma"]),
+            "prune": float(cfg["prune_rms"]),
+        },
+        _build_molecule,
+        lambda r: not isinstance(r, str),
+        int(cfg["workers"]),
+        "SPICE embedded",
+    )
+    failed = [r for _, r in bad]
+    for r in failed:
+        log.warning("embedded SPICE: skipped %s", r)
+    good = [(t["index"], {**r, "rotations": t["rotations"]}) for t, r in pairs]
 
     import importlib.metadata
 
