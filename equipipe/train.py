@@ -313,7 +313,9 @@ class Trainer:
         ema_acc: dict[tuple[str, float | None, str], list[tuple[float, int, str]]] = {}
         grad_rows: dict[tuple[str, float | None, str], list[float]] = {}
         for bi, batch in enumerate(self.val):
-            ema_seen: set[float | None] = set()  # EMA accuracy once per (batch, t), not per view
+            # the unrotated prediction is the same in every view of a (batch, t) (e.g. the voxel
+            # task's octahedral and Haar modes): compute its accuracy once, log it per split
+            seen: dict[float | None, dict[str, tuple[float, str]]] = {}
             for labels, view in self.task.eval_views(batch, gen):
                 split, t = self._split_and_t(labels)
                 rotation_set = getattr(self.task, "rotation_set", None)
@@ -324,17 +326,15 @@ class Trainer:
                     key = (split, t, f)
                     decs[key] = decs[key] + d if key in decs else d
                 B = self.task.num_examples(view)
-                with torch.no_grad():
-                    for name, (v, unit) in self.task.accuracy(
-                        self.task.predict(model, view), view
-                    ).items():
-                        acc.setdefault((split, t, name), []).append((v, B, unit))
-                    if self.ema and t not in ema_seen:
-                        ema_seen.add(t)
-                        for name, (v, unit) in self.task.accuracy(
-                            self.task.predict(self.ema.model, view), view
-                        ).items():
-                            ema_acc.setdefault(("val_ema", t, name), []).append((v, B, unit))
+                if t not in seen:
+                    with torch.no_grad():
+                        seen[t] = self.task.accuracy(self.task.predict(model, view), view)
+                        if self.ema:
+                            ema_pred = self.task.predict(self.ema.model, view)
+                            for name, (v, unit) in self.task.accuracy(ema_pred, view).items():
+                                ema_acc.setdefault(("val_ema", t, name), []).append((v, B, unit))
+                for name, (v, unit) in seen[t].items():
+                    acc.setdefault((split, t, name), []).append((v, B, unit))
                 if bi < self.ecfg.grad_norm_batches and rotations is None:
                     ggen = step_generator(self.ecfg.seed, bi, 7)
                     for name, v in gradient_norms(
