@@ -42,6 +42,8 @@ class Fault:
     - ``corrupt``: flip bits in the body (same length, wrong checksum).
     - ``ignore_range``: answer a Range request with 200 and the whole file.
     - ``delay_s``: sleep before answering (for timeout tests).
+    - ``no_length``: send no Content-Length (the body ends when the connection closes), as
+      some repositories do; with ``truncate_to`` the client cannot tell the body is short.
     """
 
     status: int | None = None
@@ -50,6 +52,7 @@ class Fault:
     corrupt: bool = False
     ignore_range: bool = False
     delay_s: float = 0.0
+    no_length: bool = False
     times: int | None = 1
 
 
@@ -175,7 +178,8 @@ class _Handler(BaseHTTPRequestHandler):
         rec.status = status
         self.send_response(status)
         self.send_header("Content-Type", res.content_type)
-        self.send_header("Content-Length", str(end - start + 1))
+        if not (fault is not None and fault.no_length):
+            self.send_header("Content-Length", str(end - start + 1))
         self.send_header("Accept-Ranges", "bytes")
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end}/{total}")
@@ -193,7 +197,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(chunk)
         except OSError:
             return
-        if len(chunk) < end - start + 1:
+        if len(chunk) < end - start + 1 or (fault is not None and fault.no_length):
             self._drop()
 
 

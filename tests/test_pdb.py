@@ -241,7 +241,7 @@ def test_remote_filters_first_and_resumes_interrupted_download(http_server, tmp_
     assert _structure_requests(http_server) == {
         f"/download/{p}.cif.gz" for p in ("1bd2", "3pwp", "5pti")
     }
-    partial = raw / "mmCIF" / "pt" / "5pti.cif.gz.partial"
+    partial = tmp_path / ".cache" / "raw" / "mmCIF" / "pt" / "5pti.cif.gz.partial"
     assert partial.stat().st_size == 5000 and not (raw / pdb.MANIFEST).exists()
     http_server.clear_log()
     pdb.download("remote", raw, cfg)  # the rerun resumes with a Range request

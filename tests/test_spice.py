@@ -315,21 +315,26 @@ def _zenodo(http_server, body: bytes, md5: str | None = None) -> str:
     return http_server.url("/api")
 
 
-def test_download_zenodo_then_preprocess(http_server, tmp_path, monkeypatch):
+def test_download_zenodo_then_preprocess(http_server, tmp_path):
     src = tmp_path / "src.hdf5"
     _bad_file(src, n_good=20)
     body = src.read_bytes()
     md5 = hashlib.md5(body).hexdigest()
-    monkeypatch.setitem(spice.SOURCES["spice-1.1.4"]["files"]["SPICE-1.1.4.hdf5"], "md5", md5)
     api = _zenodo(http_server, body)
     path = "/api/records/8222043/files/SPICE-1.1.4.hdf5/content"
     http_server.set_faults(path, Fault(drop_after=len(body) // 3, times=1))
-    out = tmp_path / "raw"
-    spice.download("spice-1.1.4", out, {"zenodo_api": api})
+    out = tmp_path / "spice" / "raw"
+    expected = {"SPICE-1.1.4.hdf5": {"md5": md5}}  # the miniature's pin, through the config
+    spice.download("spice-1.1.4", out, {"zenodo_api": api, "expected": expected})
     assert (out / "SPICE-1.1.4.hdf5").read_bytes() == body
     assert http_server.requests_for(path)[-1].headers.get("Range", "").startswith("bytes=")
     spice.preprocess(out, tmp_path / "store", {"source": "spice-1.1.4", "max_bad_fraction": 0.2})
-    assert len(Store(tmp_path / "store")) == 60
+    store = Store(tmp_path / "store")
+    assert len(store) == 60
+    landed = store.meta["download"]["files"]["SPICE-1.1.4.hdf5"]
+    assert landed["expected"]["md5"] == md5
+    assert landed["expected_from"] == {"md5": "download.expected", "size": "Zenodo API"}
+    assert landed["sha256"] == hashlib.sha256(body).hexdigest() and landed["size"] == len(body)
 
 
 def test_download_refuses_changed_zenodo_record(http_server, tmp_path):
@@ -340,19 +345,15 @@ def test_download_refuses_changed_zenodo_record(http_server, tmp_path):
     assert not (tmp_path / "raw" / "SPICE-1.1.4.hdf5").exists()
 
 
-def test_download_corrupt_body_leaves_nothing(http_server, tmp_path, monkeypatch):
+def test_download_corrupt_body_leaves_nothing(http_server, tmp_path):
     body = b"x" * 5000
-    monkeypatch.setitem(
-        spice.SOURCES["spice-1.1.4"]["files"]["SPICE-1.1.4.hdf5"],
-        "md5",
-        hashlib.md5(body).hexdigest(),
-    )
     api = _zenodo(http_server, body)
     http_server.set_faults(
         "/api/records/8222043/files/SPICE-1.1.4.hdf5/content", Fault(corrupt=True, times=None)
     )
+    expected = {"SPICE-1.1.4.hdf5": {"md5": hashlib.md5(body).hexdigest()}}
     with pytest.raises(DownloadError):
-        spice.download("spice-1.1.4", tmp_path / "raw", {"zenodo_api": api})
+        spice.download("spice-1.1.4", tmp_path / "raw", {"zenodo_api": api, "expected": expected})
     assert not (tmp_path / "raw" / "SPICE-1.1.4.hdf5").exists()
 
 
@@ -361,24 +362,25 @@ def test_download_maceoff_bitstreams(http_server, tmp_path):
     for name, facts in spice.SOURCES["maceoff23"]["files"].items():
         bodies[name] = (FIX / "maceoff_small.xyz").read_bytes()
         http_server.add(f"/bitstreams/{facts['bitstream']}/download", bodies[name])
-    spice.download("maceoff23", tmp_path / "raw", {"apollo_base": http_server.url("/bitstreams")})
+    expected = {name: {"frames": 4} for name in bodies}  # the miniature's frame counts
+    cfg = {"apollo_base": http_server.url("/bitstreams"), "expected": expected}
+    spice.download("maceoff23", tmp_path / "raw", cfg)
     for name, body in bodies.items():
         assert (tmp_path / "raw" / name).read_bytes() == body
 
 
-def test_download_dir_is_used_when_it_verifies(http_server, tmp_path, monkeypatch):
+def test_download_dir_is_used_when_it_verifies(http_server, tmp_path):
     local = tmp_path / "mirror"
     local.mkdir()
     body = b"pretend SPICE bytes"
     (local / "SPICE-1.1.4.hdf5").write_bytes(body)
-    facts = spice.SOURCES["spice-1.1.4"]["files"]["SPICE-1.1.4.hdf5"]
-    monkeypatch.setitem(facts, "md5", hashlib.md5(body).hexdigest())
-    cfg = {"download_dir": str(local), "zenodo_api": http_server.url("/api")}
+    pin = {"SPICE-1.1.4.hdf5": {"md5": hashlib.md5(body).hexdigest()}}
+    cfg = {"download_dir": str(local), "zenodo_api": http_server.url("/api"), "expected": pin}
     spice.download("spice-1.1.4", tmp_path / "raw", cfg)
     assert (tmp_path / "raw" / "SPICE-1.1.4.hdf5").read_bytes() == body
     assert http_server.requests == []
     # a copy that does not verify is ignored and the file is downloaded
-    monkeypatch.setitem(facts, "md5", hashlib.md5(b"other").hexdigest())
+    pin = {"SPICE-1.1.4.hdf5": {"md5": hashlib.md5(b"other").hexdigest()}}
     api = _zenodo(http_server, b"other")
-    spice.download("spice-1.1.4", tmp_path / "raw2", {**cfg, "zenodo_api": api})
+    spice.download("spice-1.1.4", tmp_path / "raw2", {**cfg, "zenodo_api": api, "expected": pin})
     assert (tmp_path / "raw2" / "SPICE-1.1.4.hdf5").read_bytes() == b"other"

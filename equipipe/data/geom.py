@@ -79,7 +79,8 @@ from typing import Any
 import numpy as np
 
 from equipipe.data import safe_pickle
-from equipipe.data.download import file_digest, use_local_copy
+from equipipe.data.download import file_digest
+from equipipe.data.landing import read_provenance
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,8 @@ def download(source: str, out_dir: Path, cfg: dict | None = None) -> None:
     ``rdkit_folder.tar.gz.source.json`` recording what was verified. ``midi``: the three
     pickles (verified against ``midi_sha256`` where pinned).
     """
-    from equipipe.data.download import DownloadError, RemoteFile, dataverse_files, fetch
+    from equipipe.data import landing
+    from equipipe.data.download import DownloadError, dataverse_files
 
     cfg = _config({**(cfg or {}), "source": source})
     out_dir = Path(out_dir)
@@ -223,6 +225,8 @@ def download(source: str, out_dir: Path, cfg: dict | None = None) -> None:
     if spec["kind"] == "embedded":
         build_embedded(out_dir, cfg)
         return
+    local = Path(cfg["download_dir"]) if cfg["download_dir"] else None
+    landed = {}
     if spec["kind"] == "dataverse":
         files = dataverse_files(spec["doi"], api=cfg["dataverse_api"])
         if spec["file_id"] not in files:
@@ -245,13 +249,13 @@ def download(source: str, out_dir: Path, cfg: dict | None = None) -> None:
                 "rdkit_folder_md5 is pinned",
                 ARCHIVE,
             )
-        if not (
-            cfg["download_dir"]
-            and use_local_copy(Path(cfg["download_dir"]) / ARCHIVE, out_dir / ARCHIVE, md5=md5)
-        ):
-            fetch(
-                RemoteFile(remote.url, size=remote.size, md5=md5, name=ARCHIVE), out_dir / ARCHIVE
-            )
+        exp = landing.Expected(size=remote.size, md5=md5)
+        exp.origin = {"size": "Dataverse API"} if remote.size is not None else {}
+        if md5:
+            exp.origin["md5"] = "Dataverse API" if remote.md5 else "rdkit_folder_md5"
+        exp = _with_config_pins(exp, ARCHIVE, cfg)
+        rec = local and landing.land_local_copy(local / ARCHIVE, out_dir, ARCHIVE, exp, cfg)
+        landed[ARCHIVE] = rec or landing.fetch_and_land(remote.url, out_dir, ARCHIVE, exp, cfg)
         record = {
             "doi": spec["doi"],
             "file_id": spec["file_id"],
@@ -261,16 +265,28 @@ def download(source: str, out_dir: Path, cfg: dict | None = None) -> None:
             "checksum_source": "Dataverse API" if remote.md5 else ("config pin" if md5 else None),
         }
         _write_json(out_dir / ARCHIVE_SOURCE_JSON, record)
+        landing.write_provenance(out_dir, source, landed)
         return
     pins = cfg["midi_sha256"] or {}
     for name, facts in spec["files"].items():
         sha = pins.get(facts["split"])
-        if cfg["download_dir"] and use_local_copy(
-            Path(cfg["download_dir"]) / name, out_dir / name, sha256=sha
-        ):
-            continue
+        exp = landing.Expected(sha256=sha, origin={"sha256": "midi_sha256"} if sha else {})
+        exp = _with_config_pins(exp, name, cfg)
+        rec = local and landing.land_local_copy(local / name, out_dir, name, exp, cfg)
         url = cfg["midi_url"].rstrip("/") + "/" + name
-        fetch(RemoteFile(url, sha256=sha, name=name), out_dir / name)
+        landed[name] = rec or landing.fetch_and_land(url, out_dir, name, exp, cfg)
+    landing.write_provenance(out_dir, source, landed)
+
+
+def _with_config_pins(exp, name: str, cfg: dict):
+    """``exp`` updated by ``download.expected.<name>`` (the config's pins win)."""
+    from equipipe.data.landing import expected
+
+    over = expected(name, None, cfg)
+    for key, origin in over.origin.items():
+        setattr(exp, key, getattr(over, key))
+        exp.origin[key] = origin
+    return exp
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -753,6 +769,7 @@ def preprocess(raw_dir: Path, store_dir: Path, cfg: dict | None = None) -> None:
         "conformer_order": cfg["conformer_order"],
         "centring": "centroid of all atoms (incl. H)",
     }
+    attrs["download"] = read_provenance(raw_dir)
     if (raw_dir / MANIFEST).is_file():
         m = json.loads((raw_dir / MANIFEST).read_text())
         attrs["raw_format"] = m.get("format")

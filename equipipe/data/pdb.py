@@ -589,6 +589,7 @@ def download(source: str, out_dir: Path, cfg: dict[str, Any]) -> None:
     """
     import polars as pl
 
+    from equipipe.data import landing
     from equipipe.data.download import DownloadError, fetch, fetch_many, verify_gzip
 
     if source == "embedded":
@@ -597,7 +598,9 @@ def download(source: str, out_dir: Path, cfg: dict[str, Any]) -> None:
         raise ValueError(f"pdb source {source!r} is unknown; allowed: {tuple(SOURCES)}")
     cfg = config(cfg)
     out_dir = Path(out_dir)
-    meta = out_dir / "metadata"
+    # Everything is fetched into the undeclared cache (it survives a failed job, which
+    # Snakemake answers by deleting out_dir) and hard-linked into out_dir at the end.
+    cache = landing.cache_dir(out_dir)
     kw = {
         "retries": int(cfg["retries"]),
         "timeout": float(cfg["timeout"]),
@@ -606,7 +609,7 @@ def download(source: str, out_dir: Path, cfg: dict[str, Any]) -> None:
     paths = {}
     for name in ("seqres", "resolu", "entry_type"):
         url = _remote_url(cfg, SOURCES["remote"][name])
-        paths[name] = fetch(url, meta / url.rsplit("/", 1)[-1], **kw)
+        paths[name] = fetch(url, cache / "metadata" / url.rsplit("/", 1)[-1], **kw)
     verify_gzip(paths["seqres"])
     chains = select_chains(paths["seqres"], paths["resolu"], paths["entry_type"], cfg)
     entries = sorted(chains["pdb_id"].unique().to_list())
@@ -624,36 +627,42 @@ def download(source: str, out_dir: Path, cfg: dict[str, Any]) -> None:
                 errors[e] = f"not in mirror: {f}"
         file_col = {e: str(f) for e, f in files.items()}
     else:
-        root = out_dir / "mmCIF"
-        dests = {e: divided_path(root, e) for e in entries}
-        present = {e for e, d in dests.items() if d.exists()}
-        items = [(structure_url(e, cfg), dests[e]) for e in entries]
+        cached = {e: divided_path(cache / "mmCIF", e) for e in entries}
+        items = [(structure_url(e, cfg), cached[e]) for e in entries]
         try:
             fetch_many(items, concurrency=int(cfg["concurrency"]), **kw)
         except DownloadError as err:
             failures = getattr(err, "failures", None)
             if failures is None:
                 raise
-            by_dest = {Path(d).resolve(): e for e, d in dests.items()}
+            by_dest = {Path(d).resolve(): e for e, d in cached.items()}
             for _remote, dest, exc in failures:
                 errors[by_dest[Path(dest).resolve()]] = f"download failed: {exc}"
-        for e in entries:  # gzip integrity of what arrived in this run
-            if e in errors or e in present:
+        for e in entries:  # gzip integrity of every cached structure (a few ms each)
+            if e in errors:
                 continue
             try:
-                verify_gzip(dests[e])
+                verify_gzip(cached[e])
             except DownloadError as exc:
-                dests[e].unlink(missing_ok=True)
+                cached[e].unlink(missing_ok=True)
                 errors[e] = f"corrupt gzip: {exc}"
-        file_col = {e: str(dests[e].relative_to(out_dir)) for e in entries}
         allowed = float(cfg["max_failed_downloads"]) * max(len(entries), 1)
         if len(errors) > allowed:
             sample = "\n".join(f"  {e}: {m}" for e, m in sorted(errors.items())[:10])
             raise DownloadError(
                 f"{len(errors)} of {len(entries)} PDB structures failed to download (more than "
                 f"max_failed_downloads={cfg['max_failed_downloads']}):\n{sample}\n"
-                "Rerun to resume (finished files are kept), or raise max_failed_downloads."
+                f"Rerun to resume (finished and partial files are kept in {cache}), or raise "
+                "max_failed_downloads."
             )
+        for e in entries:
+            if e not in errors:
+                landing.land(cached[e], divided_path(out_dir / "mmCIF", e))
+        file_col = {
+            e: str(divided_path(out_dir / "mmCIF", e).relative_to(out_dir)) for e in entries
+        }
+    for p in paths.values():
+        landing.land(p, out_dir / "metadata" / p.name)
     manifest = chains.with_columns(
         pl.col("pdb_id").replace_strict(file_col, return_dtype=pl.String).alias("file"),
         pl.lit("remote").alias("origin"),

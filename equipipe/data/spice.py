@@ -165,13 +165,8 @@ def download(source: str, out_dir: Path, cfg: dict | None = None) -> None:
     ``embedded`` builds the file instead (:func:`build_embedded`). With ``cfg['download_dir']``
     set, a file there that verifies is linked into ``out_dir`` and nothing is downloaded.
     """
-    from equipipe.data.download import (
-        DownloadError,
-        RemoteFile,
-        fetch,
-        use_local_copy,
-        zenodo_file,
-    )
+    from equipipe.data import landing
+    from equipipe.data.download import DownloadError, zenodo_file
 
     cfg = _config({**(cfg or {}), "source": source})
     out_dir = Path(out_dir)
@@ -180,33 +175,42 @@ def download(source: str, out_dir: Path, cfg: dict | None = None) -> None:
     if spec["kind"] == "embedded":
         build_embedded(out_dir, cfg)
         return
+    counter = count_extxyz_frames if spec["format"] == "extxyz" else None
+    landed = {}
     for name, facts in spec["files"].items():
-        if cfg.get("download_dir") and use_local_copy(
-            Path(cfg["download_dir"]) / name,
-            out_dir / name,
-            size=facts.get("size"),
-            md5=facts.get("md5"),
-        ):
-            continue
+        exp = landing.expected(name, facts, cfg)
+        if cfg.get("download_dir"):
+            rec = landing.land_local_copy(
+                Path(cfg["download_dir"]) / name, out_dir, name, exp, cfg, count_frames=counter
+            )
+            if rec is not None:
+                landed[name] = rec
+                continue
         if spec["kind"] == "zenodo":
             remote = zenodo_file(spec["record"], name, api=cfg["zenodo_api"])
-            pinned = facts.get("md5")
-            if pinned and remote.md5 and remote.md5 != pinned:
+            if exp.md5 and remote.md5 and remote.md5 != exp.md5:
                 raise DownloadError(
                     f"Zenodo record {spec['record']} lists md5 {remote.md5} for {name}, but "
-                    f"equipipe pins {pinned} (DATA.md): the record changed; check it and update "
-                    "SOURCES in equipipe/data/spice.py",
+                    f"equipipe expects {exp.md5} (from {exp.origin['md5']}; DATA.md): the record "
+                    "changed; check it and update SOURCES in equipipe/data/spice.py (or "
+                    f"download.expected.{name}.md5)",
                     url=remote.url,
                 )
-            if facts.get("size") and remote.size and remote.size != facts["size"]:
+            if exp.size and remote.size and remote.size != exp.size:
                 raise DownloadError(
-                    f"Zenodo lists {remote.size} bytes for {name}, equipipe pins {facts['size']}",
+                    f"Zenodo lists {remote.size} bytes for {name}, equipipe expects {exp.size} "
+                    f"(from {exp.origin['size']})",
                     url=remote.url,
                 )
-            fetch(remote, out_dir / name, md5=remote.md5 or pinned)
+            for key in ("md5", "size"):
+                if getattr(exp, key) is None and getattr(remote, key) is not None:
+                    setattr(exp, key, getattr(remote, key))
+                    exp.origin[key] = "Zenodo API"
+            url = remote.url
         else:
             url = f"{cfg['apollo_base'].rstrip('/')}/{facts['bitstream']}/download"
-            fetch(RemoteFile(url, size=facts.get("size"), name=name), out_dir / name)
+        landed[name] = landing.fetch_and_land(url, out_dir, name, exp, cfg, count_frames=counter)
+    landing.write_provenance(out_dir, source, landed)
 
 
 # ----------------------------------------------------------------------------- embedded build
@@ -509,6 +513,7 @@ def _read_extxyz(path: Path, source: str) -> Iterator[dict]:
     znum: dict[str, int] = {}
     counter: dict[str, int] = {}
     lineno = 0
+    size = path.stat().st_size
     with open(path) as fh:
         while True:
             head = fh.readline()
@@ -524,9 +529,21 @@ def _read_extxyz(path: Path, source: str) -> Iterator[dict]:
                     f"{path}:{lineno}: expected an atom count, got {head.strip()[:60]!r}; "
                     "the file is corrupt"
                 ) from None
+            if natoms < 0 or 2 * natoms > size:  # an atom line has at least 2 bytes
+                raise CorruptFileError(
+                    f"{path}:{lineno}: the frame announces {natoms} atoms, more than the "
+                    f"{size}-byte file can hold; the file is corrupt"
+                )
             comment = fh.readline()
-            lines = [fh.readline() for _ in range(natoms)]
-            if not comment.endswith("\n") or (natoms and not lines[-1].endswith("\n")):
+            lines = []
+            for _ in range(natoms):  # stops at the end of the file: nothing allocated past it
+                line = fh.readline()
+                if not line:
+                    break
+                lines.append(line)
+            if not comment.endswith("\n") or (
+                natoms and (len(lines) < natoms or not lines[-1].endswith("\n"))
+            ):
                 raise CorruptFileError(
                     f"{path}: frame at line {lineno} ({natoms} atoms) ends early; the file is "
                     "truncated - delete it and download it again"
@@ -584,6 +601,42 @@ def _read_extxyz(path: Path, source: str) -> Iterator[dict]:
                 rec["error"] = "single-atom frame (isolated-atom reference), not a molecule"
             rec["forces"] = forces
             yield rec
+
+
+def count_extxyz_frames(path: str | os.PathLike) -> int:
+    """Number of complete frames of an extended-XYZ file; CorruptFileError if one is cut short.
+
+    Reads line by line (no frame is held in memory); an atom count larger than the bytes left
+    in the file is refused at once.
+    """
+    path = Path(path)
+    left = path.stat().st_size
+    n = 0
+    with open(path, "rb") as fh:
+        for head in fh:
+            left -= len(head)
+            if not head.strip():
+                continue
+            try:
+                natoms = int(head.split()[0])
+            except ValueError:
+                raise CorruptFileError(
+                    f"{path}: frame {n + 1}: expected an atom count, got {head[:60]!r}"
+                ) from None
+            if natoms < 0 or 2 * natoms > left:
+                raise CorruptFileError(
+                    f"{path}: frame {n + 1} announces {natoms} atoms but only {left} bytes are "
+                    "left in the file; the file is truncated or corrupt"
+                )
+            for _ in range(natoms + 1):
+                line = fh.readline()
+                left -= len(line)
+                if not line.endswith(b"\n"):
+                    raise CorruptFileError(
+                        f"{path}: frame {n + 1} ({natoms} atoms) ends early; the file is truncated"
+                    )
+            n += 1
+    return n
 
 
 def read_records(path: str | os.PathLike, source: str | None = None) -> Iterator[dict]:
@@ -644,14 +697,18 @@ def _allowed_table(vocabulary: frozenset[int]) -> np.ndarray:
 
 
 def _source_files(raw_dir: Path, source: str) -> list[tuple[Path, str]]:
+    from equipipe.data.landing import read_provenance
+
     spec = SOURCES[source]
+    landed = (read_provenance(raw_dir) or {}).get("files", {})
     out, missing = [], []
     for name, facts in spec["files"].items():
         p = raw_dir / name
         if not p.is_file():
             missing.append(name)
             continue
-        size = facts.get("size")
+        # the download step verified the size it was told to expect (download.expected wins)
+        size = landed[name]["size"] if name in landed else facts.get("size")
         if size is not None and p.stat().st_size != size:
             raise CorruptFileError(
                 f"{p} has {p.stat().st_size} bytes, the release has {size}: truncated or wrong "
@@ -678,6 +735,7 @@ def preprocess(raw_dir: Path, store_dir: Path, cfg: dict | None = None) -> None:
     """
     from tqdm.auto import tqdm
 
+    from equipipe.data.landing import read_provenance
     from equipipe.store import StoreWriter, TooManyBadRecords
 
     cfg = _config(cfg)
@@ -698,6 +756,7 @@ def preprocess(raw_dir: Path, store_dir: Path, cfg: dict | None = None) -> None:
     for p, _ in files:
         if p.suffix.lower() in (".hdf5", ".h5"):
             attrs.update(_file_attrs(p))
+    attrs["download"] = read_provenance(raw_dir)
     writer = StoreWriter(
         store_dir,
         per_atom=["pos", "z", "forces"],
