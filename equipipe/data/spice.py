@@ -402,12 +402,22 @@ def _read_hdf5(path: Path, source: str) -> Iterator[dict]:
 def _read_group(f, name: str, source: str) -> Iterator[dict]:
     import h5py
 
+    foreign = _foreign_link(f, name)
+    if foreign:
+        yield from _bad([f"{name}/*"], name, foreign, "", source)
+        return
     g = f[name]
     if not isinstance(g, h5py.Group):
         yield from _bad([f"{name}/*"], name, "top-level object is not a group", "", source)
         return
     # one lookup per member: h5py's per-access overhead dominates on small groups
-    ds = {k: g[k] for k in g.keys() if k in _WANTED}
+    wanted = [k for k in g.keys() if k in _WANTED]
+    foreign = next((r for r in (_foreign_link(g, k) for k in wanted) if r), None)
+    ds = {} if foreign else {k: g[k] for k in wanted}
+    foreign = foreign or next((r for r in map(_foreign_data, ds.values()) if r), None)
+    if foreign:
+        yield from _bad([f"{name}/*"], name, foreign, "", source)
+        return
     subset = _str0(ds["subset"]) if "subset" in ds else ""
     smiles = _str0(ds["smiles"]) if "smiles" in ds else ""
     m = None
@@ -433,11 +443,10 @@ def _read_group(f, name: str, source: str) -> Iterator[dict]:
         reason = f"shape mismatch: conformations {conf.shape} vs {n} atomic_numbers"
         yield from _bad(ids, name, reason, subset, source)
         return
-    if len(energy) != m or grad.size != m * n * 3:
-        reason = (
-            f"shape mismatch: {m} conformations, dft_total_energy {energy.shape}, "
-            f"dft_total_gradient {grad.shape} (expected {m}x{n}x3 values)"
-        )
+    reason = _gradient_layout_problem(grad.shape, m, n)
+    if len(energy) != m:
+        reason = f"shape mismatch: {m} conformations, dft_total_energy {energy.shape}"
+    if reason:
         yield from _bad(ids, name, reason, subset, source)
         return
     # whole-group unit conversion (float64 maths, float32 results = the store's dtypes)
@@ -457,6 +466,58 @@ def _read_group(f, name: str, source: str) -> Iterator[dict]:
             "smiles": smiles,
             "error": None,
         }
+
+
+def _foreign_link(group, name: str) -> str | None:
+    """Why member ``name`` must not be followed: an external link (another file); else None.
+
+    Soft and hard links stay inside the file and are fine. Nothing is opened here.
+    """
+    import h5py
+
+    link = group.get(name, getlink=True)
+    if isinstance(link, h5py.ExternalLink):
+        return (
+            f"HDF5 external link {name!r} -> {link.filename}:{link.path} refused: a release "
+            "file never reads other files"
+        )
+    return None
+
+
+def _foreign_data(ds) -> str | None:
+    """Why a dataset must not be read: virtual (maps other files) or external raw storage."""
+    import h5py
+
+    if not isinstance(ds, h5py.Dataset):
+        return None
+    plist = ds.id.get_create_plist()
+    if plist.get_layout() == h5py.h5d.VIRTUAL:
+        return f"HDF5 virtual dataset {ds.name!r} refused: it maps data of other files"
+    if plist.get_external_count() > 0:
+        return f"HDF5 dataset {ds.name!r} with external raw storage refused: it reads other files"
+    return None
+
+
+def _gradient_layout_problem(shape: tuple[int, ...], m: int, n: int) -> str | None:
+    """Why a ``dft_total_gradient`` of ``shape`` cannot be read as (M, N, 3); None if it can.
+
+    Accepted: (M, N, 3), the releases' layout, and the flat (M, 3N) of some releases (atom-major:
+    x, y, z of atom 0, then atom 1, ...). Refused: (M, 3, N), components first, which has the
+    right number of values but whose reshape would scramble the forces; and anything else.
+    With N == 3 the two layouts cannot be told apart by shape: (M, 3, 3) is read as (M, N, 3),
+    the layout every SPICE release documents.
+    """
+    if shape == (m, n, 3) or shape == (m, 3 * n):
+        return None
+    if shape == (m, 3, n):
+        return (
+            f"dft_total_gradient stored as (M, 3, N) = {shape} (components first) instead of "
+            f"(M, N, 3) = {(m, n, 3)}: refusing it, a reshape would scramble the forces"
+        )
+    return (
+        f"shape mismatch: {m} conformations of {n} atoms, dft_total_gradient {shape} "
+        f"(accepted: (M, N, 3) = {(m, n, 3)} or flat (M, 3N) = {(m, 3 * n)})"
+    )
 
 
 _KV = re.compile(r"""([A-Za-z_][\w.:-]*)\s*(?:=\s*("[^"]*"|'[^']*'|\{[^}]*\}|\S+))?""")

@@ -1,0 +1,80 @@
+"""Data that is wrong or hostile is refused with its reason: gradient layouts, HDF5 links."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+
+from equipipe.data import spice
+from equipipe.store import Store
+from tests.test_spice import _group, _water
+
+
+def _preprocess(raw, tmp_path, **cfg) -> Store:
+    spice.preprocess(raw, tmp_path / "store", {"source": "spice-1.1.4", **cfg})
+    return Store(tmp_path / "store")
+
+
+def test_gradient_layouts_accepted_and_components_first_refused(tmp_path):
+    w = [_water(s) for s in range(3)]
+    conf = np.stack([c for c, _, _ in w])
+    e = np.array([x for _, x, _ in w])
+    g = np.stack([x for _, _, x in w])  # (M, N, 3)
+    z = [8, 1, 1, 1]  # four atoms, so (M, 3, N) and (M, N, 3) differ in shape
+    conf4 = np.concatenate([conf, conf[:, :1] + 1.5], axis=1)
+    g4 = np.concatenate([g, -g[:, :1]], axis=1)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    with h5py.File(raw / "SPICE-1.1.4.hdf5", "w") as f:
+        _group(f, "mn3", z, conf4, e, g4)
+        _group(f, "flat", z, conf4, e, g4.reshape(3, -1))
+        _group(f, "m3n", z, conf4, e, g4.transpose(0, 2, 1))
+    store = _preprocess(raw, tmp_path, max_bad_fraction=0.5)
+    forces = {i: store.get(k)["forces"] for k, i in enumerate(store.index["id"])}
+    for c in range(3):
+        np.testing.assert_array_equal(forces[f"mn3/{c}"], forces[f"flat/{c}"])
+        np.testing.assert_allclose(forces[f"mn3/{c}"], -g4[c] * spice.FORCE_UNIT, rtol=1e-6)
+    q = dict(zip(store.quarantine["id"], store.quarantine["reason"]))
+    assert sorted(q) == ["m3n/0", "m3n/1", "m3n/2"]
+    assert "(M, 3, N) = (3, 3, 4)" in q["m3n/0"] and "scramble" in q["m3n/0"]
+
+
+def test_hdf5_external_links_and_virtual_datasets_are_refused(tmp_path):
+    w = [_water(s) for s in range(2)]
+    conf = np.stack([c for c, _, _ in w])
+    e = np.array([x for _, x, _ in w])
+    g = np.stack([x for _, _, x in w])
+    z = [8, 1, 1]
+    other = tmp_path / "elsewhere.hdf5"  # any file of the machine the attacker points at
+    with h5py.File(other, "w") as f:
+        _group(f, "secret", z, conf, e, g)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    with h5py.File(raw / "SPICE-1.1.4.hdf5", "w") as f:
+        _group(f, "good", z, conf, e, g)
+        f["linked_group"] = h5py.ExternalLink(str(other), "/secret")
+        grp = f.create_group("linked_member")
+        for k in ("subset", "smiles", "atomic_numbers", "conformations", "dft_total_energy"):
+            f.copy(f[f"good/{k}"], grp, name=k)
+        grp["dft_total_gradient"] = h5py.ExternalLink(str(other), "/secret/dft_total_gradient")
+        vgrp = f.create_group("virtual")
+        for k in ("subset", "smiles", "atomic_numbers", "dft_total_energy", "dft_total_gradient"):
+            f.copy(f[f"good/{k}"], vgrp, name=k)
+        layout = h5py.VirtualLayout(shape=conf.shape, dtype=np.float32)
+        layout[...] = h5py.VirtualSource(str(other), "/secret/conformations", shape=conf.shape)
+        vgrp.create_virtual_dataset("conformations", layout)
+        xgrp = f.create_group("external_storage")
+        for k in ("subset", "smiles", "atomic_numbers", "dft_total_energy", "dft_total_gradient"):
+            f.copy(f[f"good/{k}"], xgrp, name=k)
+        blob = tmp_path / "blob.bin"
+        blob.write_bytes(conf.astype(np.float32).tobytes())
+        xgrp.create_dataset(
+            "conformations", shape=conf.shape, dtype=np.float32, external=[(str(blob), 0, 1 << 20)]
+        )
+    store = _preprocess(raw, tmp_path, max_bad_fraction=0.9)
+    assert set(store.index["key"]) == {"good"}
+    q = dict(zip(store.quarantine["key"], store.quarantine["reason"]))
+    assert "external link" in q["linked_group"] and "elsewhere.hdf5" in q["linked_group"]
+    assert "external link 'dft_total_gradient'" in q["linked_member"]
+    assert "virtual dataset" in q["virtual"]
+    assert "external raw storage" in q["external_storage"]
