@@ -13,11 +13,16 @@ with ``times=None`` applies to every later request.
 
 The server listens on 127.0.0.1 with an OS-chosen port, serves from a daemon thread, and stops
 at fixture teardown; every handler has a socket timeout so nothing can hang a test run.
+
+The downloader refuses loopback addresses unless they are allowed explicitly: each server adds
+its own ``127.0.0.1:<port>`` to ``EQUIPIPE_DOWNLOAD_ALLOW`` while it runs (child processes such
+as Snakemake jobs inherit it) and removes it when it stops; ``allow=False`` leaves it out.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import ssl
@@ -231,13 +236,31 @@ class _Server(ThreadingHTTPServer):
             return res, None
 
 
+_ALLOW_ENV = "EQUIPIPE_DOWNLOAD_ALLOW"  # equipipe.data.download.ALLOW_ENV
+_ALLOW_LOCK = threading.Lock()
+
+
+def _allow(pair: str, on: bool) -> None:
+    with _ALLOW_LOCK:
+        items = [i for i in os.environ.get(_ALLOW_ENV, "").split(",") if i and i != pair]
+        if on:
+            items.append(pair)
+        if items:
+            os.environ[_ALLOW_ENV] = ",".join(items)
+        else:
+            os.environ.pop(_ALLOW_ENV, None)
+
+
 class LoopbackServer:
     """Handle to a running server: register content, read the request log, stop."""
 
-    def __init__(self, ssl_context: ssl.SSLContext | None = None):
+    def __init__(self, ssl_context: ssl.SSLContext | None = None, allow: bool = True):
         """Plain http; with a server-side ``ssl_context`` it speaks https instead."""
         self._server = _Server()
         host, port = self._server.server_address[:2]
+        self.allowed = f"{host}:{port}" if allow else None
+        if self.allowed:
+            _allow(self.allowed, True)
         scheme = "http"
         if ssl_context is not None:
             self._server.socket = ssl_context.wrap_socket(
@@ -317,6 +340,8 @@ class LoopbackServer:
             self._server.log.clear()
 
     def close(self) -> None:
+        if self.allowed:
+            _allow(self.allowed, False)
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import h5py
 import numpy as np
+import pytest
 
 from equipipe.data import spice
+from equipipe.data.download import ALLOW_ENV, address_refusal
 from equipipe.store import Store
+from tests.httpserver import LoopbackServer
 from tests.test_spice import _group, _water
 
 
@@ -78,3 +81,53 @@ def test_hdf5_external_links_and_virtual_datasets_are_refused(tmp_path):
     assert "external link 'dft_total_gradient'" in q["linked_member"]
     assert "virtual dataset" in q["virtual"]
     assert "external raw storage" in q["external_storage"]
+
+
+# ----------------------------------------------------------------------------- redirects
+
+
+def test_redirect_to_a_loopback_service_not_allowed_is_refused_before_connecting(tmp_path):
+    from equipipe.data.download import DownloadError, fetch
+
+    with LoopbackServer() as upstream, LoopbackServer(allow=False) as internal:
+        internal.add("/admin/secret", b"internal data")
+        url = upstream.redirect("/file.bin", internal.url("/admin/secret"))
+        with pytest.raises(DownloadError, match="loopback address"):
+            fetch(url, tmp_path / "file.bin", retries=1, progress=False)
+        assert [r.status for r in upstream.requests] == [302]
+        assert internal.requests == []  # no connection ever reached it
+    assert not (tmp_path / "file.bin").exists()
+
+
+@pytest.mark.parametrize(
+    "ip",
+    ["127.0.0.1", "::1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254",
+     "fe80::1", "fc00::1", "100.64.0.1", "0.0.0.0", "::ffff:127.0.0.1", "224.0.0.1"],
+)  # fmt: skip
+def test_private_ranges_are_refused_and_public_ones_allowed(ip, monkeypatch):
+    monkeypatch.delenv(ALLOW_ENV, raising=False)
+    assert address_refusal(ip, 443, "mirror.example")
+    assert address_refusal("93.184.215.14", 443, "example.org") is None
+    monkeypatch.setenv(ALLOW_ENV, f"mirror.example:443,[{ip}]:8443")
+    assert address_refusal(ip, 443, "mirror.example") is None  # allowed explicitly, by name
+    assert address_refusal(ip, 8443, None) is None  # or by address
+    assert address_refusal(ip, 444, "mirror.example")  # only that port
+
+
+def test_metadata_address_is_refused_before_any_socket_connects(monkeypatch, tmp_path):
+    import socket as socket_module
+
+    from equipipe.data.download import DownloadError, fetch
+
+    opened = []
+    real = socket_module.socket
+
+    class Spy(real):
+        def connect(self, address):  # never lets a test reach a non-loopback address
+            opened.append(address)
+            raise OSError("the test allows no connection")
+
+    monkeypatch.setattr(socket_module, "socket", Spy)
+    with pytest.raises(DownloadError, match="link-local address"):
+        fetch("https://169.254.169.254/latest/meta-data", tmp_path / "x", retries=1)
+    assert opened == []

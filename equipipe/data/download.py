@@ -4,6 +4,12 @@ Every file that a pipeline rule downloads goes through :func:`fetch` (or :func:`
 
 - HTTPS with certificate and hostname checks; plain ``http`` only to the loopback interface
   (127.0.0.1, localhost, ::1), which the tests use. Redirects are held to the same rule.
+- Every connection (the first request and each redirect) resolves its host first and refuses
+  loopback, private, link-local, shared and reserved addresses before any socket opens (a
+  redirect from the upstream to ``169.254.169.254`` or ``localhost`` goes nowhere); the socket
+  then connects to the checked address itself (no second resolution). Exceptions are explicit:
+  ``EQUIPIPE_DOWNLOAD_ALLOW`` lists ``host:port`` pairs that may be contacted anyway (the tests'
+  loopback servers register themselves there; a mirror on a private network goes there too).
 - The body streams into ``<dest>.partial``; a later attempt (or a later run) resumes it with an
   HTTP ``Range`` request. A server that ignores ``Range`` (answers 200) restarts the file cleanly.
 - The finished file is checked for size, then md5 / sha256, and only then renamed into place
@@ -20,12 +26,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import ipaddress
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 import ssl
 import sys
 import threading
@@ -135,6 +143,113 @@ def check_url(url: str) -> str:
     raise DownloadError(f"refusing URL {url!r}: scheme must be https (got {scheme!r})", url=url)
 
 
+ALLOW_ENV = "EQUIPIPE_DOWNLOAD_ALLOW"
+
+
+class RefusedAddress(OSError):
+    """A host resolved to an address downloads may not contact; no socket was opened."""
+
+
+def _allowed_pairs() -> set[tuple[str, int]]:
+    out = set()
+    for item in os.environ.get(ALLOW_ENV, "").replace(" ", "").split(","):
+        host, _, port = item.rpartition(":")
+        if host and port.isdigit():
+            out.add((host.strip("[]").lower(), int(port)))
+    return out
+
+
+def address_refusal(ip: str, port: int, host: str | None = None) -> str | None:
+    """Why ``ip`` (resolved from ``host``) may not be contacted on ``port``; None if it may.
+
+    Refused unless listed in ``EQUIPIPE_DOWNLOAD_ALLOW``: loopback, private (RFC 1918, ULA),
+    link-local (169.254/16 and fe80::/10, cloud metadata services), shared (100.64/10),
+    multicast, unspecified and reserved ranges - anything that is not a global unicast address.
+    """
+    addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if addr.is_global and not addr.is_multicast:
+        return None
+    allowed = _allowed_pairs()
+    names = {str(addr), ip.split("%", 1)[0].lower(), (host or "").lower()}
+    if any((name, port) in allowed for name in names):
+        return None
+    kind = next(
+        k
+        for k, yes in (
+            ("loopback", addr.is_loopback),
+            ("link-local", addr.is_link_local),
+            ("private", addr.is_private),
+            ("multicast", addr.is_multicast),
+            ("non-global", True),
+        )
+        if yes
+    )
+    return (
+        f"refusing to connect to {host or ip} ({addr}, a {kind} address, port {port}): downloads "
+        f"only reach public hosts. If this host is a mirror you trust, add '{host or ip}:{port}' "
+        f"to the {ALLOW_ENV} environment variable"
+    )
+
+
+def _checked_connection(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None):
+    """``socket.create_connection`` that resolves once, checks, and connects to what it checked."""
+    host, port = address
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    ok, refusals = [], []
+    for info in infos:
+        why = address_refusal(info[4][0], port, host)
+        (refusals if why else ok).append(why or info)
+    if not ok:
+        raise RefusedAddress(refusals[0] if refusals else f"{host} did not resolve")
+    last: OSError | None = None
+    for family, type_, proto, _, sockaddr in ok:
+        sock = socket.socket(family, type_, proto)
+        try:
+            if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:
+                sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as e:
+            sock.close()
+            last = e
+    raise last  # type: ignore[misc]
+
+
+class _CheckedHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self._create_connection = _checked_connection
+
+
+class _CheckedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self._create_connection = _checked_connection
+
+    def connect(self):
+        if self._tunnel_host:  # through a user-configured proxy: check the target too
+            for info in socket.getaddrinfo(self._tunnel_host, self._tunnel_port or 443):
+                why = address_refusal(info[4][0], self._tunnel_port or 443, self._tunnel_host)
+                if why:
+                    raise RefusedAddress(why)
+            self._create_connection = socket.create_connection  # the proxy itself
+        super().connect()
+
+
+class _CheckedHTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(_CheckedHTTPConnection, req)
+
+
+class _CheckedHTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        return self.do_open(_CheckedHTTPSConnection, req, context=self._context)
+
+
 class _PolicyRedirectHandler(urllib.request.HTTPRedirectHandler):
     """Follow redirects only to URLs that :func:`check_url` accepts."""
 
@@ -160,7 +275,8 @@ def _ssl_context() -> ssl.SSLContext:
 def _opener(url: str) -> urllib.request.OpenerDirector:
     handlers: list = [
         _PolicyRedirectHandler(),
-        urllib.request.HTTPSHandler(context=_ssl_context()),
+        _CheckedHTTPHandler(),
+        _CheckedHTTPSHandler(context=_ssl_context()),
     ]
     if _is_loopback(urllib.parse.urlsplit(url).hostname):
         handlers.append(urllib.request.ProxyHandler({}))  # never send loopback via a proxy
@@ -210,6 +326,8 @@ def _open(url: str, headers: dict[str, str], timeout: float):
             raise _Transient(detail, retry_after=_retry_after(e.headers)) from e
         raise _Fatal(detail) from e
     except urllib.error.URLError as e:
+        if isinstance(e.reason, RefusedAddress):
+            raise _Fatal(str(e.reason)) from e
         if isinstance(e.reason, ssl.SSLCertVerificationError):
             raise _Fatal(
                 f"TLS certificate check failed ({e.reason.verify_message}); if a proxy or "
