@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import json
+import pickle
+import signal
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
 import h5py
 import numpy as np
+import polars as pl
 import pytest
 
-from equipipe.data import spice
+from equipipe.data import geom, spice
 from equipipe.data.download import ALLOW_ENV, address_refusal
 from equipipe.store import Store
 from tests.httpserver import LoopbackServer
+from tests.test_geom import _archive
+from tests.test_geom import _mol as _geom_mol
+from tests.test_geom import _record as _geom_record
 from tests.test_spice import _group, _water
+
+BIN = Path(sys.executable).parent
 
 
 def _preprocess(raw, tmp_path, **cfg) -> Store:
@@ -131,3 +145,58 @@ def test_metadata_address_is_refused_before_any_socket_connects(monkeypatch, tmp
     with pytest.raises(DownloadError, match="link-local address"):
         fetch("https://169.254.169.254/latest/meta-data", tmp_path / "x", retries=1)
     assert opened == []
+
+
+# ----------------------------------------------------------------------------- pickles
+
+
+class _CorruptMol:
+    """Pickles as the allow-listed ``rdkit.Chem.rdchem.Mol(binary)`` with a corrupted binary."""
+
+    def __init__(self, binary: bytes):
+        self.binary = binary
+
+    def __reduce__(self):
+        from rdkit.Chem import rdchem
+
+        return (rdchem.Mol, (self.binary,))
+
+
+def _segfaulting_binary() -> bytes:
+    """Ethanol's RDKit binary with one count field set to 1000: RDKit reads past its buffer."""
+    mol = _geom_mol("CCO", seed=1)
+    binary = bytearray(mol.ToBinary())
+    binary[126:130] = struct.pack("<I", 1000)
+    return bytes(binary)
+
+
+def test_segfaulting_mol_pickle_is_quarantined_not_a_dead_job(tmp_path):
+    binary = _segfaulting_binary()
+    # It really kills a process that unpickles it (as today's preprocess did: exit 139).
+    probe = subprocess.run(
+        [sys.executable, "-c", f"from rdkit import Chem; Chem.Mol({binary!r})"],
+        capture_output=True,
+    )
+    assert probe.returncode == -signal.SIGSEGV
+    hostile = _geom_record("CCO", [-1.0])
+    hostile["conformers"][0]["rd_mol"] = _CorruptMol(binary)
+    members = {
+        "rdkit_folder/drugs/a.pickle": pickle.dumps(_geom_record("CCN", [-2.0, -1.5])),
+        "rdkit_folder/drugs/hostile.pickle": pickle.dumps(hostile),
+        "rdkit_folder/drugs/b.pickle": pickle.dumps(_geom_record("CCC", [-3.0])),
+    }
+    assert len(members["rdkit_folder/drugs/hostile.pickle"]) < 1200
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    _archive(raw / geom.ARCHIVE, members)
+    cfg = {"source": "geom-rdkit", "allow_unverified_pickles": True, "workers": 2}
+    out = subprocess.run(
+        [str(BIN / "equipipe"), "preprocess", "geom", "--raw", str(raw),
+         "--out", str(tmp_path / "store"), "--cfg", json.dumps(cfg)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    store = Store(tmp_path / "store")
+    assert sorted(set(store.index["key"])) == ["CCC", "CCN"] and len(store) == 3
+    q = store.quarantine.filter(pl.col("id").str.ends_with("/*"))
+    assert q.height == 1 and "SIGSEGV" in q["reason"][0], q

@@ -18,7 +18,10 @@ Security (DESIGN.md): a pickle is unpickled only after its bytes match a publish
 checksum — the whole archive's md5 against the Dataverse value, each embedded member's sha256
 against the manifest, each MiDi file against ``midi_sha256`` — or after an explicit opt-in.
 Every pickle is loaded with :mod:`equipipe.data.safe_pickle` (RDKit molecules and plain data
-only) in either case, so a verified archive with something unexpected is quarantined, not run.
+only) in either case, so a verified archive with something unexpected is quarantined, not run,
+and inside sandboxed child processes (:mod:`equipipe.data.pickle_sandbox`, ``workers`` of them,
+memory-limited) that hand back plain arrays: an RDKit molecule rebuilt from a corrupted binary
+that crashes its child becomes a quarantined record with the reason, never a dead job.
 
 The archive is read member by member from the gzip stream (``tarfile`` ``r|gz``): the ~300k
 pickles are never unpacked to disk.
@@ -55,7 +58,8 @@ Config keys (``DEFAULTS``):
   removes a share of large molecules; the quarantine table says how many).
 - Embedded build: ``n_molecules`` (60), ``conformers`` (5, before RMS pruning), ``seed`` (1;
   SPICE's embedded build uses 0 over the same pool), ``min_heavy`` (8), ``max_heavy`` (24),
-  ``prune_rms`` (0.5 Å), ``temperature`` (298.15 K), ``workers`` (2).
+  ``prune_rms`` (0.5 Å), ``temperature`` (298.15 K), ``workers`` (2; also the number of
+  sandboxed unpickling processes of ``preprocess``).
 """
 
 from __future__ import annotations
@@ -78,7 +82,6 @@ from typing import Any
 
 import numpy as np
 
-from equipipe.data import safe_pickle
 from equipipe.data.download import file_digest
 from equipipe.data.landing import read_provenance
 
@@ -585,16 +588,22 @@ def iter_rdkit_folder(
     check: Callable[[str, bytes], None] | None = None,
     subset: str = "drugs",
     max_molecules: int | None = None,
+    workers: int = 1,
 ) -> Iterator[tuple[str, dict | Exception]]:
     """Stream ``(member name, molecule dict | error)`` from an ``rdkit_folder.tar.gz``.
 
     Members are read in archive order from the gzip stream (nothing is unpacked); only
     ``*/<subset>/*.pickle`` members are unpickled, each after ``check(name, bytes)`` (raises on
-    an unverified member) and through the restricted unpickler. A member that fails to load
-    is yielded as its exception (the caller quarantines it); an unverified member raises.
+    an unverified member), through the restricted unpickler, in ``workers`` sandboxed child
+    processes (:mod:`equipipe.data.pickle_sandbox`): RDKit molecules come back as plain arrays
+    (``{"__rdkit_mol__": True, "z", "pos", "n_conformers"}``). A member that fails to load,
+    or crashes its child, is yielded as its exception (the caller quarantines it); an
+    unverified member raises.
     """
-    n = 0
-    try:
+    from equipipe.data.pickle_sandbox import Sandbox
+
+    def members() -> Iterator[tuple[str, bytes]]:
+        n = 0
         with tarfile.open(archive, mode="r|gz") as tar:
             for info in tar:
                 if not info.isfile() or not info.name.endswith(".pickle"):
@@ -605,16 +614,17 @@ def iter_rdkit_folder(
                 data = f.read() if f is not None else b""
                 if check is not None:
                     check(info.name, data)
-                try:
-                    obj = safe_pickle.loads(data)
-                    if not isinstance(obj, dict):
-                        raise ValueError(f"pickle holds a {type(obj).__name__}, expected a dict")
-                    yield info.name, obj
-                except Exception as e:  # noqa: BLE001 - quarantined with the reason
-                    yield info.name, e
+                yield info.name, data
                 n += 1
                 if max_molecules is not None and n >= max_molecules:
                     return
+
+    try:
+        with Sandbox(workers) as box:
+            for name, obj in box.map(members()):
+                if not isinstance(obj, dict | Exception):
+                    obj = ValueError(f"pickle holds a {type(obj).__name__}, expected a dict")
+                yield name, obj
     except (tarfile.ReadError, EOFError, gzip.BadGzipFile, zlib.error, OSError) as e:
         raise CorruptFileError(
             f"{archive} is truncated or corrupt ({type(e).__name__}: {e}); "
@@ -644,11 +654,15 @@ def conformer_record(
     """
     from rdkit import Chem
 
-    if not isinstance(mol, Chem.Mol):
+    if isinstance(mol, Chem.Mol):  # trusted data only; untrusted pickles come back as arrays
+        from equipipe.data.pickle_sandbox import plain
+
+        mol = plain(mol)
+    if not (isinstance(mol, dict) and mol.get("__rdkit_mol__")):
         return None, f"no RDKit molecule (got {type(mol).__name__})", math.nan
-    if mol.GetNumConformers() < 1:
+    if not mol["n_conformers"] or mol["pos"] is None:
         return None, "RDKit molecule has no conformer", math.nan
-    z = np.array([a.GetAtomicNum() for a in mol.GetAtoms()], dtype=np.int64)
+    z = np.asarray(mol["z"], dtype=np.int64).reshape(-1)
     if z.size == 0:
         return None, "molecule has no atoms", math.nan
     table = Chem.GetPeriodicTable()
@@ -656,7 +670,7 @@ def conformer_record(
     if bad:
         names = ", ".join(table.GetElementSymbol(b) if 0 < b < 119 else str(b) for b in bad)
         return None, f"element {names} outside the vocabulary", math.nan
-    pos = np.asarray(mol.GetConformer().GetPositions(), dtype=np.float64)
+    pos = np.asarray(mol["pos"], dtype=np.float64)
     if pos.shape != (len(z), 3) or not np.all(np.isfinite(pos)):
         return None, "non-finite or malformed coordinates", math.nan
     pos = pos - pos.mean(0)
@@ -675,7 +689,8 @@ def _records_rdkit_folder(raw_dir: Path, cfg: dict, source: str) -> Iterator[dic
         )
     how, check = member_verifier(raw_dir, cfg)
     log.info("geom: %s: %s", archive, how)
-    for name, obj in iter_rdkit_folder(archive, check, "drugs", cfg["max_molecules"]):
+    workers = int(cfg["workers"])
+    for name, obj in iter_rdkit_folder(archive, check, "drugs", cfg["max_molecules"], workers):
         if isinstance(obj, Exception):
             stem = Path(name).stem
             yield {
@@ -699,14 +714,28 @@ def _records_rdkit_folder(raw_dir: Path, cfg: dict, source: str) -> Iterator[dic
 
 
 def _records_midi(raw_dir: Path, cfg: dict) -> Iterator[dict]:
-    for split in MIDI_SPLITS:
-        path = raw_dir / f"{split}_data.pickle"
+    from equipipe.data.pickle_sandbox import DEFAULT_MEMORY_BYTES, Sandbox
+
+    paths = {split: raw_dir / f"{split}_data.pickle" for split in MIDI_SPLITS}
+    for path in paths.values():
         if not path.is_file():
             raise FileNotFoundError(f"geom source 'midi': {path} not found; run the download first")
+    # one sandboxed child for the three files, its memory limit sized to the largest
+    memory = max(DEFAULT_MEMORY_BYTES, *(30 * p.stat().st_size for p in paths.values()))
+    with Sandbox(1, memory_bytes=memory, timeout_s=3600) as box:
+        yield from _records_midi_files(paths, cfg, box)
+
+
+def _records_midi_files(paths: dict[str, Path], cfg: dict, box) -> Iterator[dict]:
+    for split, path in paths.items():
         how = _verify_midi_file(path, split, cfg)
         log.info("geom: %s: %s", path, how)
-        with open(path, "rb") as f:
-            data = safe_pickle.load(f)
+        [(_, data)] = list(box.map([(path.name, path.read_bytes())]))
+        if isinstance(data, pickle.UnpicklingError):
+            raise data  # refused by the allow-list: a hostile file fails the job
+        if isinstance(data, Exception):
+            yield {"error": str(data), "key": f"{split}:*", "id": f"{split}/*", "midi_split": split}
+            continue
         if not isinstance(data, list):
             raise CorruptFileError(f"{path} holds a {type(data).__name__}, expected a list")
         for i, item in enumerate(data):
@@ -801,7 +830,8 @@ def preprocess(raw_dir: Path, store_dir: Path, cfg: dict | None = None) -> None:
                 for j, conf in _select_conformers(
                     rec["conformers"], n_keep, cfg["conformer_order"]
                 ):
-                    conf = conf if isinstance(conf, dict) else {"rd_mol": conf}
+                    if not isinstance(conf, dict) or conf.get("__rdkit_mol__"):
+                        conf = {"rd_mol": conf}  # a bare molecule (arrays from the sandbox)
                     gid = conf.get("geom_id")
                     suffix = str(int(gid)) if isinstance(gid, int | np.integer) else f"c{j}"
                     rid = f"{h}/{suffix}"
