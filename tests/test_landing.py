@@ -74,6 +74,20 @@ def test_maceoff_cut_at_a_frame_boundary_without_length_is_refused(http_server, 
     assert not (landing.cache_dir(out) / TRAIN).exists()  # discarded, never landed later
 
 
+def test_maceoff_cut_mid_frame_without_length_is_refused_and_discarded(http_server, tmp_path):
+    text = XYZ.read_bytes()
+    cut = len(text) - 40  # inside the last frame
+    cfg = _serve_maceoff(
+        http_server, {TRAIN: text, TEST: text}, Fault(no_length=True, truncate_to=cut)
+    )
+    out = tmp_path / "maceoff23"
+    with pytest.raises(DownloadError, match="not a complete extended-XYZ file"):
+        spice.download("maceoff23", out, {**cfg, "expected": {TRAIN: {"frames": 4}}})
+    assert not (out / TRAIN).exists() and not (landing.cache_dir(out) / TRAIN).exists()
+    spice.download("maceoff23", out, {**cfg, "expected": {n: {"frames": 4} for n in (TRAIN, TEST)}})
+    assert (out / TRAIN).read_bytes() == text  # the next run fetched it whole
+
+
 def test_maceoff_frames_pinned_in_sources_refuse_a_short_file(http_server, tmp_path):
     # No override: the release's own frame counts (SOURCES) apply.
     cfg = _serve_maceoff(http_server, {TRAIN: XYZ.read_bytes(), TEST: XYZ.read_bytes()})

@@ -301,10 +301,20 @@ def _verify_and_land(
     known = ledger.entries.get(name) if ledger.known_sha256(path) else None
     sha = known["sha256"] if known else (exp.sha256 or file_digest(path, "sha256"))
     frames = known.get("frames") if known else None
+    cached = path.parent == cache_dir(out_dir)
     if count_frames is not None and frames is None:
-        frames = count_frames(path)
+        try:
+            frames = count_frames(path)
+        except Exception as e:  # noqa: BLE001 - a frame cut short, garbage, ...
+            if cached:
+                path.unlink(missing_ok=True)  # a wrong file must not be landed by the next run
+            raise DownloadError(
+                f"{name} is not a complete extended-XYZ file ({e}); it was discarded - run the "
+                "download again",
+                url=url,
+            ) from e
     if exp.frames is not None and frames != exp.frames:
-        if path.parent == cache_dir(out_dir):
+        if cached:
             path.unlink(missing_ok=True)  # a wrong file must not be landed by the next run
         raise DownloadError(
             f"{name}: {frames} frames, expected {exp.frames} "
@@ -314,13 +324,8 @@ def _verify_and_land(
             url=url,
         )
     previous = ledger.check(name, sha, bool(cfg.get("accept_new_sha256")))
-    extra = {"frames": frames} if frames is not None else {}
-    if path.parent == cache_dir(out_dir):
-        ledger.record(path, sha, url=url, **extra)
-        how = land(path, out_dir / name)
-    else:
-        ledger.record(path, sha, url=url, **extra)
-        how = "symlink (download_dir)"
+    ledger.record(path, sha, url=url, **({"frames": frames} if frames is not None else {}))
+    how = land(path, out_dir / name) if cached else "symlink (download_dir)"
     return file_record(
         out_dir / name,
         exp,
