@@ -475,6 +475,8 @@ def _foreign_link(group, name: str) -> str | None:
     """
     import h5py
 
+    if group.id.links.get_info(name.encode()).type != h5py.h5l.TYPE_EXTERNAL:
+        return None  # cheap check first: no Python link object per member
     link = group.get(name, getlink=True)
     if isinstance(link, h5py.ExternalLink):
         return (
