@@ -298,3 +298,24 @@ def test_readme_documents_exactly_the_schema_keys():
     assert committed == render_readme(committed), (
         "config/README.md is out of date with the schema: run `equipipe config-docs --write`"
     )
+
+
+def test_schema_property_definitions_use_known_keywords_only():
+    """A comma in an unquoted flow-style description silently adds a bogus keyword (YAML)."""
+    vocab = {
+        "type", "default", "description", "enum", "items", "minimum", "maximum",
+        "exclusiveMinimum", "exclusiveMaximum", "minItems", "maxItems", "additionalProperties",
+        "properties", "required", "$ref", "x-sources", "x-internal", "minProperties",
+    }  # fmt: skip
+    bad = []
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            for k, v in (node.get("properties") or {}).items():
+                if isinstance(v, dict) and set(v) - vocab:
+                    bad.append((f"{path}.{k}", set(v) - vocab))
+            for k, v in node.items():
+                walk(v, f"{path}.{k}")
+
+    walk(eqcfg.schema(), "")
+    assert not bad, bad
