@@ -33,6 +33,11 @@ DATASET_SOURCES = {
 }
 
 
+# EvalConfig.split's default (equipipe/train.py holds the train/eval defaults; a test keeps
+# this equal to it without importing torch at plan time).
+EVAL_SPLIT_DEFAULT = "val"
+
+
 class ConfigError(ValueError):
     """A config problem, naming the key and the allowed values."""
 
@@ -400,7 +405,7 @@ def _check_task_blocks(cfg: dict) -> None:
         used.add(e["task"])
         t = cfg["tasks"][e["task"]]
         ev = deep_merge(t.get("eval") or {}, e.get("eval") or {})
-        split = ev.get("split", "val")
+        split = ev.get("split", EVAL_SPLIT_DEFAULT)
         have = split_names(cfg, t["dataset"])
         if split not in have:
             src = (

@@ -289,6 +289,7 @@ def test_train_and_eval_keys_are_the_training_loop_fields():
     s = eqcfg.schema()["$defs"]
     assert set(s["train"]["properties"]) == {f.name for f in dataclasses.fields(TrainConfig)}
     assert set(s["eval"]["properties"]) == {f.name for f in dataclasses.fields(EvalConfig)}
+    assert EvalConfig().split == eqcfg.EVAL_SPLIT_DEFAULT
 
 
 def test_readme_documents_exactly_the_schema_keys():
