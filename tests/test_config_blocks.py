@@ -95,6 +95,21 @@ def test_wrong_type_names_path(path, value, text):
     assert path in str(err.value) and text in str(err.value), str(err.value)
 
 
+def test_download_expected_pins_are_closed_per_file():
+    cfg = copy.deepcopy(PAPER)
+    cfg["datasets"]["spice"]["download"] = {"expected": {"test_large_neut_all.xyz": {"frame": 5}}}
+    with pytest.raises(ConfigError) as err:
+        _check(cfg)
+    msg = str(err.value)
+    assert "datasets.spice.download.expected.test_large_neut_all.xyz.frame" in msg
+    assert "allowed keys: size, md5, sha256, frames" in msg
+    cfg["datasets"]["spice"]["download"] = {"expected": {"x.xyz": {"md5": "not-hex"}}}
+    with pytest.raises(
+        ConfigError, match=r"download\.expected\.x\.xyz\.md5: 'not-hex' does not match"
+    ):
+        _check(cfg)
+
+
 def test_model_overrides_checked_on_the_merged_slice_when_an_experiment_switches_model():
     cfg = _put(DEFAULT, "tasks.forcefield.task_cfg.model_overrides", {"n_rbf": 64})
     # ff_equivariant switches to the e3nn model, which has no n_rbf: the merged slice is wrong
@@ -306,7 +321,7 @@ def test_schema_property_definitions_use_known_keywords_only():
     vocab = {
         "type", "default", "description", "enum", "items", "minimum", "maximum",
         "exclusiveMinimum", "exclusiveMaximum", "minItems", "maxItems", "additionalProperties",
-        "properties", "required", "$ref", "x-sources", "x-internal", "minProperties",
+        "properties", "required", "$ref", "x-sources", "x-internal", "minProperties", "pattern",
     }  # fmt: skip
     bad = []
 
