@@ -335,3 +335,15 @@ def test_schema_property_definitions_use_known_keywords_only():
 
     walk(eqcfg.schema(), "")
     assert not bad, bad
+
+
+@pytest.mark.parametrize("cfg", [DEFAULT, PAPER, TINY], ids=["config", "paper", "tiny"])
+def test_shipped_configs_use_only_keys_the_code_reads(cfg):
+    out = _check(cfg)
+    for exp, seed in eqcfg.runs(out):
+        spec = run_spec(out, exp, seed)
+        kind, model = spec["task"], spec["model"]
+        assert set(spec["task_cfg"]) <= set(eqcfg.block_schema("task_cfg", kind)["properties"])
+        assert set(spec["task_cfg"]["model_overrides"]) <= set(
+            eqcfg.allowed_keys("model_overrides", model)
+        )
