@@ -347,3 +347,20 @@ def test_shipped_configs_use_only_keys_the_code_reads(cfg):
         assert set(spec["task_cfg"]["model_overrides"]) <= set(
             eqcfg.allowed_keys("model_overrides", model)
         )
+
+
+def test_planning_imports_nothing_heavy():
+    """What rules/common.smk imports (the config module, the dataset block wiring) and a full
+    validation of the paper grid load no torch, e3nn, rdkit or matplotlib."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, yaml\n"
+        "from equipipe import config as c\n"
+        "import equipipe.data.dataset_block\n"
+        "c.check_config(c.validate_schema(yaml.safe_load(open('config/paper.yaml'))))\n"
+        "heavy = [m for m in ('torch', 'e3nn', 'rdkit', 'matplotlib') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
