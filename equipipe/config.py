@@ -476,6 +476,26 @@ def _check_figures(cfg: dict) -> None:
                     f"allowed keys: {', '.join(allowed)}"
                 )
         validate_block(f.get("style") or {}, "figure_style", f["kind"], where)
+        split = (f.get("style") or {}).get("split")
+        if split is not None and f.get("experiments"):
+            have = sorted(set().union(*(metric_splits(cfg, e) for e in f["experiments"])))
+            for value in [split] if isinstance(split, str) else split:
+                if value not in have:
+                    raise ConfigError(
+                        f"{where}.split: {value!r} is not a split the drawn experiments log; "
+                        f"allowed: {', '.join(have)}"
+                    )
+
+
+def metric_splits(cfg: dict, experiment: str) -> set[str]:
+    """Split labels of an experiment's metric rows: train, val and, for the denoising task, one
+    ``val_<mode>`` per evaluation mode (``equipipe.train`` labels the evaluated split ``val``)."""
+    e = cfg["experiments"][experiment]
+    out = {"train", "val"}
+    if task_kind(cfg, e["task"]) == "denoising":
+        modes = _merged_task_cfg(cfg, experiment).get("eval_modes")
+        out |= {f"val_{m}" for m in modes or defaults("task_cfg", "denoising")["eval_modes"]}
+    return out
 
 
 def load_config(path: Path) -> dict:

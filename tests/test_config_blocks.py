@@ -206,6 +206,18 @@ def test_split_name_that_does_not_exist():
         _check(_put(cfg, "experiments.ff_default.eval", {"split": "test"}))
 
 
+def test_figure_split_that_the_experiments_never_log():
+    with pytest.raises(
+        ConfigError,
+        match=r"figures\.dn_pct_by_data\.style\.split: 'val_haarr'.*allowed: train, val, val_haar, val_octahedral",
+    ):
+        _check(_put(DEFAULT, "figures.dn_pct_by_data.style.split", "val_haarr"))
+    with pytest.raises(
+        ConfigError, match=r"figures\.ff_pct_linear\.style\.split: 'test'.*allowed: train, val$"
+    ):
+        _check(_put(DEFAULT, "figures.ff_pct_linear.style.split", ["val", "test"]))
+
+
 def test_subset_fraction_above_one():
     with pytest.raises(
         ConfigError, match=r"datasets\.spice\.subsets\.all\.size: 1\.5 is a fraction above 1"
