@@ -107,7 +107,8 @@ def test_changed_upstream_hash_fails_naming_both_unless_accepted(http_server, tm
     assert prov["files"][TRAIN]["sha256"] == first and prov["files"][TRAIN]["frames"] == n
     assert prov["files"][TRAIN]["expected_from"] == {"frames": "download.expected"}
     # The preprocessed store carries the same record.
-    spice.preprocess(out, tmp_path / "store", {"source": "maceoff23", "max_bad_fraction": 0.5})
+    pre = {"source": "maceoff23", "max_bad_fraction": 0.5, "expected": cfg["expected"]}
+    spice.preprocess(out, tmp_path / "store", pre)
     assert Store(tmp_path / "store").meta["download"] == prov
 
     # Upstream now serves other bytes (same frame count); the cached copy is gone.

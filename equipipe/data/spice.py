@@ -20,6 +20,8 @@ Config keys (``DEFAULTS``):
 - ``download_dir``: an existing folder already holding the source file(s); used instead of
   downloading when every file verifies (linked, not copied). Default None.
 - ``zenodo_api`` / ``apollo_base``: repository endpoints (overridable for mirrors and tests).
+- ``expected``: ``{file name: {size, md5, sha256, frames}}`` pins that override the release
+  facts in ``SOURCES`` (a new release, a mirror's miniature copy); recorded in the store.
 - ``n_molecules`` (120), ``conformers`` (8), ``seed`` (0), ``workers`` (2), ``min_heavy`` (8),
   ``max_heavy`` (40), ``thermal_sigma`` (0.03 Å), ``prune_rms`` (0.5 Å): the embedded build.
 - ``elements``: the element vocabulary (symbols); others are quarantined.
@@ -44,10 +46,11 @@ from typing import Any
 
 import numpy as np
 
+from equipipe.config import dataset_defaults
+from equipipe.data.dataset_block import options
 from equipipe.data.embedded import (
     BOHR_ANGSTROM,
     HARTREE_EV,
-    SPICE_ELEMENTS,
     draw_until,
     embed_conformers,
     isolated_atom_energies,
@@ -111,23 +114,7 @@ SOURCES: dict[str, dict[str, Any]] = {
     "embedded": {"kind": "embedded", "format": "hdf5", "files": {EMBEDDED_FILE: {}}},
 }
 
-DEFAULTS: dict[str, Any] = {
-    "source": "embedded",
-    "download_dir": None,
-    "zenodo_api": "https://zenodo.org/api",
-    "apollo_base": APOLLO_BASE,
-    "n_molecules": 120,
-    "conformers": 8,
-    "seed": 0,
-    "workers": 2,
-    "min_heavy": 8,
-    "max_heavy": 40,
-    "thermal_sigma": 0.03,
-    "prune_rms": 0.5,
-    "elements": list(SPICE_ELEMENTS),
-    "max_gradient": 1.0,
-    "max_bad_fraction": 0.05,
-}
+DEFAULTS: dict[str, Any] = {"source": "embedded", **dataset_defaults("spice")}  # the schema's
 
 REQUIRED_KEYS = ("atomic_numbers", "conformations", "dft_total_energy", "dft_total_gradient")
 FORCE_UNIT = HARTREE_EV / BOHR_ANGSTROM  # 1 hartree/bohr in eV/Å
@@ -145,6 +132,39 @@ def _config(cfg: dict | None) -> dict[str, Any]:
             f"spice config key 'source' is {cfg['source']!r}; allowed values: {sorted(SOURCES)}"
         )
     return cfg
+
+
+PIN_KEYS = ("size", "md5", "sha256", "frames")
+
+
+def pins(source: str, cfg: dict) -> dict[str, dict[str, Any]]:
+    """File name -> release facts of ``source``, overridden by ``cfg['expected']``.
+
+    Each entry holds ``size``, ``md5``, ``sha256`` and ``frames`` (None where unknown) and
+    ``pinned_by``: ``"SOURCES"`` or ``"download.expected"``.
+    """
+    files = SOURCES[source]["files"]
+    expected = cfg.get("expected") or {}
+    unknown = sorted(set(expected) - set(files))
+    if unknown:
+        raise ValueError(
+            f"spice download.expected names {unknown}, not files of source {source!r}; "
+            f"allowed: {sorted(files)}"
+        )
+    out = {}
+    for name, facts in files.items():
+        override = expected.get(name) or {}
+        bad = sorted(set(override) - set(PIN_KEYS))
+        if bad:
+            raise ValueError(
+                f"spice download.expected.{name} has unknown key(s) {bad}; allowed: {PIN_KEYS}"
+            )
+        out[name] = {
+            **{k: facts.get(k) for k in PIN_KEYS},
+            **override,
+            "pinned_by": "download.expected" if override else "SOURCES",
+        }
+    return out
 
 
 def _z_of(symbols) -> set[int]:
@@ -168,7 +188,7 @@ def download(source: str, out_dir: Path, cfg: dict | None = None) -> None:
     from equipipe.data import landing
     from equipipe.data.download import DownloadError, zenodo_file
 
-    cfg = _config({**(cfg or {}), "source": source})
+    cfg = _config({**options(cfg, "download"), "source": source})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = SOURCES[source]
@@ -177,8 +197,11 @@ def download(source: str, out_dir: Path, cfg: dict | None = None) -> None:
         return
     counter = count_extxyz_frames if spec["format"] == "extxyz" else None
     landed = {}
-    for name, facts in spec["files"].items():
-        exp = landing.expected(name, facts, cfg)
+    for name, facts in pins(source, cfg).items():
+        exp = landing.Expected(
+            **{k: facts[k].lower() if isinstance(facts[k], str) else facts[k] for k in PIN_KEYS},
+            origin={k: facts["pinned_by"] for k in PIN_KEYS if facts[k] is not None},
+        )
         if cfg.get("download_dir"):
             rec = landing.land_local_copy(
                 Path(cfg["download_dir"]) / name, out_dir, name, exp, cfg, count_frames=counter
@@ -191,15 +214,14 @@ def download(source: str, out_dir: Path, cfg: dict | None = None) -> None:
             if exp.md5 and remote.md5 and remote.md5 != exp.md5:
                 raise DownloadError(
                     f"Zenodo record {spec['record']} lists md5 {remote.md5} for {name}, but "
-                    f"equipipe expects {exp.md5} (from {exp.origin['md5']}; DATA.md): the record "
-                    "changed; check it and update SOURCES in equipipe/data/spice.py (or "
-                    f"download.expected.{name}.md5)",
+                    f"{facts['pinned_by']} pins {exp.md5}: the record changed; check it and "
+                    "update the pin (download.expected, or SOURCES in equipipe/data/spice.py)",
                     url=remote.url,
                 )
             if exp.size and remote.size and remote.size != exp.size:
                 raise DownloadError(
-                    f"Zenodo lists {remote.size} bytes for {name}, equipipe expects {exp.size} "
-                    f"(from {exp.origin['size']})",
+                    f"Zenodo lists {remote.size} bytes for {name}, {facts['pinned_by']} pins "
+                    f"{exp.size}",
                     url=remote.url,
                 )
             for key in ("md5", "size"):
@@ -208,7 +230,7 @@ def download(source: str, out_dir: Path, cfg: dict | None = None) -> None:
                     exp.origin[key] = "Zenodo API"
             url = remote.url
         else:
-            url = f"{cfg['apollo_base'].rstrip('/')}/{facts['bitstream']}/download"
+            url = f"{cfg['apollo_base'].rstrip('/')}/{spec['files'][name]['bitstream']}/download"
         landed[name] = landing.fetch_and_land(url, out_dir, name, exp, cfg, count_frames=counter)
     landing.write_provenance(out_dir, source, landed)
 
@@ -263,7 +285,7 @@ def build_embedded(out_dir: Path, cfg: dict | None = None) -> None:
     import h5py
     import rdkit
 
-    cfg = _config(cfg)
+    cfg = _config(options(cfg, "embedded"))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     n, m, seed = int(cfg["n_molecules"]), int(cfg["conformers"]), int(cfg["seed"])
@@ -759,23 +781,19 @@ def _allowed_table(vocabulary: frozenset[int]) -> np.ndarray:
 # ----------------------------------------------------------------------------- preprocess
 
 
-def _source_files(raw_dir: Path, source: str) -> list[tuple[Path, str]]:
-    from equipipe.data.landing import read_provenance
-
+def _source_files(raw_dir: Path, source: str, pinned: dict) -> list[tuple[Path, str]]:
     spec = SOURCES[source]
-    landed = (read_provenance(raw_dir) or {}).get("files", {})
     out, missing = [], []
     for name, facts in spec["files"].items():
         p = raw_dir / name
         if not p.is_file():
             missing.append(name)
             continue
-        # the download step verified the size it was told to expect (download.expected wins)
-        size = landed[name]["size"] if name in landed else facts.get("size")
+        size = pinned[name]["size"]
         if size is not None and p.stat().st_size != size:
             raise CorruptFileError(
-                f"{p} has {p.stat().st_size} bytes, the release has {size}: truncated or wrong "
-                "file - delete it and download it again"
+                f"{p} has {p.stat().st_size} bytes, {pinned[name]['pinned_by']} pins {size}: "
+                "truncated or wrong file - delete it and download it again"
             )
         label = f"{source}/{facts['split']}" if "split" in facts else source
         out.append((p, label))
@@ -801,9 +819,11 @@ def preprocess(raw_dir: Path, store_dir: Path, cfg: dict | None = None) -> None:
     from equipipe.data.landing import read_provenance
     from equipipe.store import StoreWriter, TooManyBadRecords
 
-    cfg = _config(cfg)
+    # the download section carries the release pins (download.expected)
+    cfg = _config(options(cfg, "download", "preprocess"))
     raw_dir, store_dir = Path(raw_dir), Path(store_dir)
-    files = _source_files(raw_dir, cfg["source"])
+    pinned = pins(cfg["source"], cfg)
+    files = _source_files(raw_dir, cfg["source"], pinned)
     vocab = _z_of(cfg["elements"])
     limit = float(cfg["max_gradient"])
     multi = len(files) > 1
@@ -815,6 +835,7 @@ def preprocess(raw_dir: Path, store_dir: Path, cfg: dict | None = None) -> None:
         "energy": "total energy",
         "elements": list(cfg["elements"]),
         "max_gradient_hartree_per_bohr": limit,
+        "release_pins": {p.name: pinned[p.name] for p, _ in files},
     }
     for p, _ in files:
         if p.suffix.lower() in (".hdf5", ".h5"):
@@ -832,7 +853,9 @@ def preprocess(raw_dir: Path, store_dir: Path, cfg: dict | None = None) -> None:
             for path, label in files:
                 prefix = f"{label.rsplit('/', 1)[-1]}/" if multi else ""
                 bar = tqdm(read_records(path, label), desc=f"preprocess {path.name}", unit="conf")
+                frames = 0
                 for rec in bar:
+                    frames += 1
                     rid = prefix + rec["id"]
                     fields = {"subset": rec["subset"], "source": rec["source"]}
                     reason = check_record(rec, vocab, limit)
@@ -846,6 +869,12 @@ def preprocess(raw_dir: Path, store_dir: Path, cfg: dict | None = None) -> None:
                         "energy": np.float64(rec["energy"]),
                     }
                     writer.add(rid, rec["key"], arrays, **fields)
+                want = pinned[path.name]["frames"]
+                if want is not None and frames != want:
+                    raise CorruptFileError(
+                        f"{path} holds {frames} conformers/frames, {pinned[path.name]['pinned_by']} "
+                        f"pins {want}: incomplete or wrong file - delete it and download it again"
+                    )
     except TooManyBadRecords:
         raise  # keeps <store>.partial/quarantine.parquet for inspection (named in the message)
     except BaseException:
