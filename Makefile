@@ -6,7 +6,7 @@ CORES ?= 2
 export OMP_NUM_THREADS ?= 1
 export MPLBACKEND ?= Agg
 
-.PHONY: run test test-all bench lint format dryrun-paper clean venv lock
+.PHONY: run test test-all bench lint format dryrun-paper clean venv lock archive
 
 # The environment is locked: every package, with hashes (lock/requirements.txt; lock/nodeps.txt
 # holds the packages installed without their dependencies). `make lock` refreshes both from
@@ -47,6 +47,10 @@ test: $(VENV)/.installed
 
 test-all: $(VENV)/.installed
 	source $(VENV)/bin/activate && python -m pytest -q -ra -m "" 
+
+# code (git archive of the current tree), config used, lock, provenance and RERUN.md, after `make run`
+archive: $(VENV)/.installed
+	source $(VENV)/bin/activate && equipipe archive --out results/archive.tar.gz
 
 bench: $(VENV)/.installed
 	source $(VENV)/bin/activate && python bench/eval_overhead.py && python bench/parse_speed.py && python bench/plan_speed.py

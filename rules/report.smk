@@ -3,6 +3,9 @@
 # This rule archives the configuration used, so the report states what produced it.
 
 
+import os
+
+
 rule archive_config:
     output:
         report(
@@ -19,3 +22,53 @@ rule archive_config:
         cfg=json.dumps(config, sort_keys=True),
     script:
         "../scripts/archive_config.py"
+
+
+# Provenance of the report: code (git commit, dirty), environment (lock hash, versions), machine,
+# every run's seed and device, and per dataset the source, raw files (sizes, sha256) and the
+# quarantine counts. The lock and the code are read from the workflow's repository.
+REPO = os.path.abspath(os.path.join(workflow.basedir, ".."))
+USED_DATASETS = sorted(
+    {eqcfg.dataset_of_experiment(config, e) for e in config["experiments"]}
+)
+
+
+def provenance_datasets():
+    return json.dumps(
+        {
+            d: {
+                "source": config["datasets"][d]["source"],
+                "store": f"results/data/{d}/store",
+                "raw": raw_dir(d),
+            }
+            for d in USED_DATASETS
+        },
+        sort_keys=True,
+    )
+
+
+rule provenance:
+    input:
+        runs=run_files(config["experiments"], names=("run.json",)),
+        stores=[f"results/data/{d}/store" for d in USED_DATASETS],
+        raw=[raw_dir(d) for d in USED_DATASETS],
+        lock=os.path.join(REPO, "lock", "requirements.txt"),
+    output:
+        json="results/provenance.json",
+        html=report(
+            "results/provenance.html",
+            caption="../workflow/report/provenance.rst",
+            category="Provenance",
+        ),
+    log:
+        "logs/provenance.log",
+    localrule: True
+    conda:
+        "../envs/figures.yaml"
+    params:
+        runs=" ".join(run_dirs(config["experiments"])),
+        datasets=provenance_datasets(),
+        repo=REPO,
+    shell:
+        "equipipe provenance --runs {params.runs} --datasets {params.datasets:q} "
+        "--lock {input.lock} --repo {params.repo:q} --out {output.json} --html {output.html} 2> {log}"
