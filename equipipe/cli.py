@@ -141,6 +141,12 @@ def cmd_provenance(a) -> None:
     )
 
 
+def cmd_headlines(a) -> None:
+    from equipipe.headlines import write_headlines
+
+    write_headlines([Path(r) for r in a.runs], Path(a.out))
+
+
 def cmd_archive(a) -> None:
     from equipipe.archive import write_archive
 
@@ -295,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="provenance.json")
     s.add_argument("--html", default=None, help="the report's Provenance section (HTML)")
     s.set_defaults(fn=cmd_provenance)
+
+    s = sub.add_parser(
+        "headlines", help="headline numbers (dip, final pct, final error) with standard errors"
+    )
+    s.add_argument("--runs", nargs="+", required=True)
+    s.add_argument("--out", required=True, help="headlines.csv")
+    s.set_defaults(fn=cmd_headlines)
 
     s = sub.add_parser(
         "archive",

@@ -72,3 +72,25 @@ rule provenance:
     shell:
         "equipipe provenance --runs {params.runs} --datasets {params.datasets:q} "
         "--lock {input.lock} --repo {params.repo:q} --out {output.json} --html {output.html} 2> {log}"
+
+
+# Headline numbers (dip, final pct, final error) with standard errors, per run and experiment:
+# what `equipipe diff-reports` compares (a report item, so the report zip carries it).
+rule headlines:
+    input:
+        run_files(config["experiments"]),
+    output:
+        report(
+            "results/headlines.csv",
+            caption="../workflow/report/headlines.rst",
+            category="Measured vs study",
+        ),
+    log:
+        "logs/headlines.log",
+    localrule: True
+    conda:
+        "../envs/figures.yaml"
+    params:
+        runs=" ".join(run_dirs(config["experiments"])),
+    shell:
+        "equipipe headlines --runs {params.runs} --out {output} 2> {log}"
