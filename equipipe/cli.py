@@ -137,7 +137,7 @@ def cmd_provenance(a) -> None:
         [Path(r) for r in a.runs or []],
         _json(a.datasets),
         Path(a.lock) if a.lock else None,
-        Path(a.repo),
+        Path(a.repo) if a.repo else Path(a.lock or "lock/x").resolve().parent.parent,
     )
 
 
@@ -297,7 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--datasets", default="{}", help='JSON {name: {"source", "store", "raw"}} of the data used'
     )
     s.add_argument("--lock", default=None, help="the lock file (lock/requirements.txt)")
-    s.add_argument("--repo", default=".", help="the code's folder (git repository or archive)")
+    s.add_argument(
+        "--repo",
+        default=None,
+        help="the code's folder: git repository or unpacked archive (default: the lock's "
+        "folder's parent)",
+    )
     s.add_argument("--out", required=True, help="provenance.json")
     s.add_argument("--html", default=None, help="the report's Provenance section (HTML)")
     s.set_defaults(fn=cmd_provenance)

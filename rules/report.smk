@@ -26,25 +26,25 @@ rule archive_config:
 
 # Provenance of the report: code (git commit, dirty), environment (lock hash, versions), machine,
 # every run's seed and device, and per dataset the source, raw files (sizes, sha256) and the
-# quarantine counts. The lock and the code are read from the workflow's repository.
+# quarantine counts. The lock and the code are read from the workflow's repository (the
+# lock's folder's parent).
 REPO = os.path.abspath(os.path.join(workflow.basedir, ".."))
 USED_DATASETS = sorted(
     {eqcfg.dataset_of_experiment(config, e) for e in config["experiments"]}
 )
 
 
-def provenance_datasets():
-    return json.dumps(
-        {
-            d: {
-                "source": config["datasets"][d]["source"],
-                "store": f"results/data/{d}/store",
-                "raw": raw_dir(d),
-            }
-            for d in USED_DATASETS
-        },
-        sort_keys=True,
-    )
+PROVENANCE_DATASETS = json.dumps(
+    {
+        d: {
+            "source": config["datasets"][d]["source"],
+            "store": f"results/data/{d}/store",
+            "raw": raw_dir(d),
+        }
+        for d in USED_DATASETS
+    },
+    sort_keys=True,
+)
 
 
 rule provenance:
@@ -67,11 +67,10 @@ rule provenance:
         "../envs/figures.yaml"
     params:
         runs=" ".join(run_dirs(config["experiments"])),
-        datasets=provenance_datasets(),
-        repo=REPO,
+        datasets=PROVENANCE_DATASETS,
     shell:
         "equipipe provenance --runs {params.runs} --datasets {params.datasets:q} "
-        "--lock {input.lock} --repo {params.repo:q} --out {output.json} --html {output.html} 2> {log}"
+        "--lock {input.lock} --out {output.json} --html {output.html} 2> {log}"
 
 
 # Headline numbers (dip, final pct, final error) with standard errors, per run and experiment:
