@@ -253,7 +253,7 @@ def test_rerun_gives_identical_headlines_and_diff_reports_flags_an_altered_copy(
     snakemake(wd, "--cores", "2", "results/headlines.csv")
     out = _diff(finished / "results/report.zip", wd / "results")
     assert out.returncode == 0, out.stdout
-    assert "0 of 8 compared numbers differ" in out.stdout
+    assert re.search(r"^0 of [1-9]\d* compared numbers differ", out.stdout, re.M), out.stdout
     assert (finished / "results/headlines.csv").read_text() == (
         wd / "results/headlines.csv"
     ).read_text()
