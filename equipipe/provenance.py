@@ -12,7 +12,8 @@
   ``runs_commit_mismatch`` lists runs whose commit differs from ``code.commit``;
 * ``datasets``: per dataset the configured source, the source's public facts (record ids, DOIs,
   URLs: the dataset module's ``SOURCES`` entry), the raw files (name, size, sha256), the store's
-  meta (``meta.json``: n, n_quarantined, files) and the quarantine counts by reason;
+  meta (``meta.json``: n, n_quarantined, files, the release pins where the data module records
+  them) and the quarantine counts by reason;
   ``gaps`` names what the store itself does not record and where the value came from instead.
 
 ``render_rst`` turns it into the report's "Provenance" section.
@@ -197,7 +198,7 @@ def dataset_info(dataset: str, source: str, store: Path, raw: Path) -> dict[str,
             "the store's meta.json records no record id / URL: taken from the dataset "
             f"module's SOURCES[{source!r}]"
         )
-    if not any(k in meta for k in ("sha256", "checksums", "file_checksums")):
+    if not any(k in meta for k in ("release_pins", "sha256", "checksums", "file_checksums")):
         gaps.append(
             "the store's meta.json records no file sizes / checksums: computed from the raw "
             f"folder {raw} when this provenance was written"
@@ -219,6 +220,7 @@ def dataset_info(dataset: str, source: str, store: Path, raw: Path) -> dict[str,
             "n_quarantined": meta.get("n_quarantined", q.height),
             "meta_source": meta.get("source"),
             "files": meta.get("files"),
+            "release_pins": meta.get("release_pins"),
             "meta_sha256": file_sha256(store / "meta.json"),
             "index_sha256": file_sha256(store / "index.parquet"),
         },
@@ -326,6 +328,9 @@ def render_rst(p: dict[str, Any]) -> str:
             f"{raw['n_files']} raw file(s), {raw['bytes']:,} bytes, in ``{raw['folder']}``; "
             f"store: {d['store']['n']} examples, {d['quarantine']['n']} quarantined.\n\n"
         )
+        if d["store"].get("release_pins"):
+            pins = json.dumps(d["store"]["release_pins"], sort_keys=True, default=str)
+            out.append(f"Release pins recorded in the store: ``{pins}``\n\n")
         if raw.get("files"):
             out.append(
                 _table(
