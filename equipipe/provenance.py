@@ -193,12 +193,15 @@ def dataset_info(dataset: str, source: str, store: Path, raw: Path) -> dict[str,
     facts, gap = _source_facts(dataset, source)
     if gap:
         gaps.append(gap)
-    if not any(k in meta for k in ("url", "urls", "record", "doi")):
+    landed = meta.get("download")  # download.json of the raw folder: url, size, sha256 per file
+    if not landed and not any(k in meta for k in ("url", "urls", "record", "doi")):
         gaps.append(
             "the store's meta.json records no record id / URL: taken from the dataset "
             f"module's SOURCES[{source!r}]"
         )
-    if not any(k in meta for k in ("release_pins", "sha256", "checksums", "file_checksums")):
+    if not landed and not any(
+        k in meta for k in ("release_pins", "sha256", "checksums", "file_checksums")
+    ):
         gaps.append(
             "the store's meta.json records no file sizes / checksums: computed from the raw "
             f"folder {raw} when this provenance was written"
@@ -221,6 +224,7 @@ def dataset_info(dataset: str, source: str, store: Path, raw: Path) -> dict[str,
             "meta_source": meta.get("source"),
             "files": meta.get("files"),
             "release_pins": meta.get("release_pins"),
+            "download": landed,
             "meta_sha256": file_sha256(store / "meta.json"),
             "index_sha256": file_sha256(store / "index.parquet"),
         },

@@ -13,6 +13,7 @@ import yaml
 from equipipe.config import validate_schema
 from equipipe.data import landing, spice
 from equipipe.data.download import DownloadError
+from equipipe.provenance import dataset_info
 from equipipe.store import Store
 from tests.httpserver import Fault
 
@@ -110,6 +111,8 @@ def test_changed_upstream_hash_fails_naming_both_unless_accepted(http_server, tm
     pre = {"source": "maceoff23", "max_bad_fraction": 0.5, "expected": cfg["expected"]}
     spice.preprocess(out, tmp_path / "store", pre)
     assert Store(tmp_path / "store").meta["download"] == prov
+    info = dataset_info("spice", "maceoff23", tmp_path / "store", out)  # the run's provenance
+    assert info["store"]["download"] == prov and not info["gaps"]
 
     # Upstream now serves other bytes (same frame count); the cached copy is gone.
     changed = text.replace("-0.", "-1.", 1).encode()
