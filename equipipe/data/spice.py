@@ -10,7 +10,11 @@ Sources (``SOURCES``):
 - ``embedded``: ``SPICE-embedded-GFN2.hdf5`` built offline by :func:`build_embedded` in the
   exact SPICE HDF5 layout (real molecules, GFN2-xTB labels).
 
-Every source ends in the same :func:`read_records` and :func:`preprocess`. The store holds
+Every source ends in the same :func:`read_records` and :func:`preprocess`. Gradients are read
+as (M, N, 3) or flat (M, 3N); (M, 3, N) is quarantined with its reason (a reshape would
+scramble the forces); with N = 3 the two cannot be told apart and (M, 3, 3) is read as
+(M, N, 3), the layout the releases document. HDF5 external links, virtual datasets and external
+storage are refused (they would read other files of the machine into the store). The store holds
 ``pos`` (Å, float32), ``z`` (int64), ``forces`` (eV/Å, float32) per atom and ``energy`` (total
 energy, eV, float64) per conformer; index fields ``id, key, n_atoms, subset, source``.
 
