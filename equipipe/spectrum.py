@@ -291,6 +291,11 @@ def _reduce_mask(mask: Tensor, shape: tuple[int, ...]) -> Tensor | None:
             while m.dim() < len(shape):
                 m = m.unsqueeze(-1)
             return m.expand(shape)
+        if not torch.equal(m.all(-1), m.any(-1)):
+            raise ValueError(
+                f"an element mask {tuple(mask.shape)} that varies along its last dimensions "
+                f"cannot be applied to values shaped {tuple(shape)}"
+            )
         m = m.all(-1)
     return None
 

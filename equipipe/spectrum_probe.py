@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from equipipe.so3 import rotate_grid
 from equipipe.spectrum import Spectrum, spectrum
 from equipipe.tasks.base import Batch, Task
 
@@ -129,13 +130,17 @@ class SpectrumProbe:
             s = spectrum(zf, R, self.lmax, idx, masks.get(f), exhaustive)
             self._add(self.outputs, (split, t, f), s)
         mask = masks.get(self.task.primary_field)
+        out = z.get(self.task.primary_field)
         for name, outs in self._features.items():
             if not outs:
                 continue
             h = torch.cat(outs, 0)
             h = h.reshape(K, -1, *h.shape[1:])
+            hm = mask
+            if h.dim() == 6:  # (K, B, C, D, H, W) feature maps of a grid model
+                h, hm = canonical_grid_features(h, R, out, mask, name)
             idx = example_index(view, h.shape[1], B)
-            s = spectrum(h, R, self.lmax, idx, mask if idx is None else None, exhaustive)
+            s = spectrum(h, R, self.lmax, idx, hm if idx is None else None, exhaustive)
             self._add(self.hidden, (split, t, name), s)
         self._features = {n: [] for n in self.layers}
 
@@ -163,6 +168,32 @@ class SpectrumProbe:
                 rows.append(dict(split=split, metric="layer_share_remainder", t=t, unit="fraction",
                                  value=sh["remainder"], n=s.n_elements, layer=layer))  # fmt: skip
         return rows
+
+
+def canonical_grid_features(
+    h: Tensor, R: Tensor, out: Tensor | None, mask: Tensor | None, name: str
+) -> tuple[Tensor, Tensor | None]:
+    """g^-1 · h(g x) for full-resolution feature maps h (K, B, C, D, H, W) of a grid model.
+
+    A grid feature map has a group action (voxel permutation / resampling), so its ℓ content is
+    read after canonicalising it like the output; then the trivial irrep (A1 or ℓ = 0) is its
+    equivariant part. Only maps with the output's spatial shape are accepted: coarse U-Net
+    levels sit half a voxel off the grid centre, where the voxel permutations are not rotations.
+    The element mask (inscribed ball of the Haar evaluation) is applied to every channel.
+    """
+    if out is None or tuple(h.shape[-3:]) != tuple(out.shape[-3:]):
+        raise ValueError(
+            f"spectrum layer {name!r} has maps {tuple(h.shape[-3:])}, not the output's full "
+            f"resolution {tuple(out.shape[-3:]) if out is not None else None}: probe only "
+            "full-resolution maps (coarse levels are off-centre, their permutations not rotations)"
+        )
+    Rt = R.to(device=h.device, dtype=h.dtype).transpose(-1, -2)
+    canon = torch.stack([rotate_grid(h[k], Rt[k], mode="bilinear") for k in range(h.shape[0])])
+    if mask is None:
+        return canon, None
+    m = mask.to(torch.bool)
+    m = m.any(1, keepdim=True) if m.dim() == 5 else m
+    return canon, m.expand(h.shape[1:])
 
 
 def spectrum_due(step: int, steps: list[int], every: int) -> bool:

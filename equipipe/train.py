@@ -98,6 +98,10 @@ class EvalConfig:
     spectrum_lmax: int = 4
     spectrum_layers: list[str] | None = None  # None: the model's spectrum_layers
 
+    def __post_init__(self) -> None:
+        if self.spectrum_every > 0 and self.k < 3:
+            raise ValueError(f"eval.spectrum_every needs eval.k >= 3 rotations, got k={self.k}")
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EvalConfig:
         known = {f.name for f in fields(cls)}

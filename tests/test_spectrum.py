@@ -14,6 +14,7 @@ from equipipe import spectrum as sp
 from equipipe.equivariance import decompose, decomposition_from_predictions, example_rotations
 from equipipe.so3 import haar_rotations, octahedral_rotations, rotate_grid
 from equipipe.spectrum_probe import SpectrumProbe, spectrum_due
+from equipipe.tasks import make_task
 from equipipe.tasks.flowmatching import FlowMatchingTask
 from equipipe.tasks.forcefield import ForceFieldTask
 
@@ -231,6 +232,43 @@ def test_e3nn_hidden_channels_land_exactly_in_their_ell(molecules):
     probe.observe("val", None, batch, exhaustive=True)
     f = probe.outputs[("val", None, "forces")].per_element()
     assert max(abs(f[str(ell)]) for ell in range(1, 5)) < 1e-6 * f["0"]  # float32 rotations
+
+
+def test_voxel_outputs_and_full_resolution_maps_through_the_octahedral_irreps():
+    """U-Net on real molecules: A2+E+T1+T2 = decompose's exact E; coarse maps are refused."""
+    from tests.test_denoising import CFG, _examples
+
+    task = make_task("denoising", CFG)
+    torch.manual_seed(0)
+    model = task.build_model("tiny").eval()
+    batch = task.collate(_examples(("CC(=O)Nc1ccccc1", "OCC(Cl)CBr")))
+    views = task.eval_views(batch, torch.Generator().manual_seed(0))
+    probe = SpectrumProbe(task, lmax=2, layers=list(model.spectrum_layers))
+    for labels, view in views:
+        R = task.rotation_set(labels)
+        with probe.recording(model):
+            d = decompose(model, task, view, 4, torch.Generator().manual_seed(1), rotations=R,
+                          record=probe.record)  # fmt: skip
+        probe.observe(labels["mode"], None, view, exhaustive=R is not None)
+        if R is not None:
+            oct_d = d["density"].per_element()
+    out = probe.outputs[("octahedral", None, "density")]
+    pe = out.per_element()
+    assert out.labels == sp.OCTAHEDRAL_IRREPS
+    assert sum(pe[r] for r in out.labels) == pytest.approx(pe["total"], rel=1e-9)
+    assert pe["equiv"] == pytest.approx(oct_d["equiv_unbiased"], rel=1e-6)
+    assert all(pe[r] > 0 for r in ("A2", "E", "T1", "T2"))
+    for name in model.spectrum_layers:  # canonicalised maps: exact irreps, shares sum to 1
+        sh = probe.hidden[("octahedral", None, name)].shares()
+        assert sum(sh[r] for r in sp.OCTAHEDRAL_IRREPS) == pytest.approx(1.0, abs=1e-9)
+        assert min(sh[r] for r in sp.OCTAHEDRAL_IRREPS) > 0 and abs(sh["remainder"]) < 1e-9
+        assert ("haar", None, name) in probe.hidden
+    coarse = SpectrumProbe(task, lmax=2, layers=["down.2"])  # after the first stride-2 conv
+    labels, view = views[1]
+    with coarse.recording(model):
+        decompose(model, task, view, 3, None, record=coarse.record)
+    with pytest.raises(ValueError, match="full-resolution"):
+        coarse.observe("haar", None, view, exhaustive=False)
 
 
 def test_spectrum_cadence():
