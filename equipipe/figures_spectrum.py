@@ -12,7 +12,8 @@ error at the first and the last evaluation.
 
 ``layer_spectrum`` (style keys: ``t`` (one flow time; default the middle one), ``split``,
 ``vmin`` (1e-4)): one heatmap per probed layer: evaluation step (columns) by ℓ (rows,
-"rem" = above ℓmax), colour = share of the layer output's power, log colour scale. An
+"rem" = above ℓmax), colour = share of the layer output's power, log colour scale; cells whose
+share is within 2 standard errors of zero are marked ×. An
 experiment without probed layers gets a note instead of zeros: the EScAIP-like backbone sees
 only invariant geometry, so its layers are ℓ = 0 by construction.
 """
@@ -178,6 +179,20 @@ def layer_spectrum(ctx: FigureContext) -> Figure:
             grid[labels.index(ell), steps.index(step)] = v
         image = ax.imshow(np.clip(grid, vmin, 1.0), aspect="auto", origin="lower", norm=norm,
                           cmap="magma", interpolation="nearest")  # fmt: skip
+        se = ctx.metrics.filter(
+            (pl.col("experiment") == exp) & (pl.col("layer") == layer)
+            & (pl.col("metric") == "layer_share_se")
+        )  # fmt: skip
+        se = se.filter(pl.col("t").is_null() if t is None else (pl.col("t") - t).abs() < 1e-9)
+        unresolved = 0
+        for ell, step, v in _seed_mean(se, ["ell"]).select("ell", "step", "value").iter_rows():
+            i, j = labels.index(ell), steps.index(step)
+            if np.isfinite(v) and abs(grid[i, j]) < 2 * v:  # not resolved from zero: marked
+                ax.plot(j, i, marker="x", color="0.6", ms=4, mew=0.8)
+                unresolved += 1
+        if unresolved:
+            ax.text(1.0, 1.01, "×: |share| < 2 SE", transform=ax.transAxes, ha="right",
+                    va="bottom", fontsize=7, color="0.4")  # fmt: skip
         ax.set_yticks(range(len(labels)), [f"ℓ={x}" if x.isdigit() else "> ℓmax" for x in labels])
         every = max(1, len(steps) // 8)
         ax.set_xticks(range(0, len(steps), every), [str(s) for s in steps[::every]], fontsize=7.5)

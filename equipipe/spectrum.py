@@ -271,13 +271,21 @@ class Spectrum:
 
     def standard_error(self, name: str) -> float:
         """Standard error over units of the per-element mean of ``name`` (ratio of sums)."""
-        U = self.n.shape[0]
-        if U < 2 or float(self.n.sum()) == 0:
-            return math.nan
-        v = self._units()[name]
-        m = float(v.sum() / self.n.sum())
-        ss = float(((v - m * self.n) ** 2).sum())
-        return math.sqrt(U / (U - 1) * ss) / float(self.n.sum())
+        return _ratio_se(self._units()[name], self.n)
+
+    def share_standard_error(self, name: str) -> float:
+        """Standard error over units of ``shares()[name]`` (ratio of sums over ``total``)."""
+        return _ratio_se(self._units()[name], self.total)
+
+
+def _ratio_se(v: Tensor, w: Tensor) -> float:
+    """Standard error of Σ v / Σ w over units (linearised ratio estimator)."""
+    U = w.shape[0]
+    if U < 2 or float(w.sum()) == 0:
+        return math.nan
+    r = float(v.sum() / w.sum())
+    ss = float(((v - r * w) ** 2).sum())
+    return math.sqrt(U / (U - 1) * ss) / abs(float(w.sum()))
 
 
 # --------------------------------------------------------------------------- Gram matrices
