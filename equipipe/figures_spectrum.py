@@ -13,7 +13,8 @@ drawn as the black line from the decomposition of the same evaluations. The octa
 projections are exact and drawn as they are. A note names the resolved ℓ carrying most of the
 error at the first and the last evaluation.
 
-``layer_spectrum`` (style keys: ``t`` (one flow time; default the middle one), ``split``,
+``layer_spectrum`` (style keys: ``t`` (one flow time, for tables logged per t; the probe pools
+flow times, t null), ``split``,
 ``vmin`` (1e-4)): one heatmap per probed layer: evaluation step (columns) by ℓ (rows,
 "rem" = above ℓmax), colour = share of the layer output's power, log colour scale; cells whose
 share is below 3 standard errors (not resolved from zero) are marked ×. An
@@ -185,8 +186,8 @@ def layer_spectrum(ctx: FigureContext) -> Figure:
             (pl.col("experiment") == exp) & (pl.col("layer") == layer)
             & pl.col("metric").is_in(["layer_share", "layer_share_remainder"])
         )  # fmt: skip
-        ts = _ts(df)
-        want = ctx.style.get("t")
+        ts = _ts(df)  # [None]: the probe pools flow times (too noisy per t)
+        want = ctx.style.get("t") if any(x is not None for x in ts) else None
         t = want if want is not None else (ts[len(ts) // 2] if ts else None)
         df = df.filter(pl.col("t").is_null() if t is None else (pl.col("t") - t).abs() < 1e-9)
         df = df.with_columns(pl.col("ell").fill_null("rem"))
@@ -217,6 +218,7 @@ def layer_spectrum(ctx: FigureContext) -> Figure:
         ax.set_xticks(range(0, len(steps), every), [str(s) for s in steps[::every]], fontsize=7.5)
         ax.set_xlabel("Evaluation step")
         ax.set_title(f"{ctx.label(exp)}: {layer}" + (f" ({_t_label(t)})" if t is not None else ""))
+        ax.set_ylabel("")
     if image is not None:
         fig.colorbar(image, ax=axs, shrink=0.8, label="Share of the layer's feature power")
     _title(fig, ctx, "Angular content of hidden features per layer")

@@ -18,7 +18,9 @@ the octahedral evaluation; ``layer`` a module name):
   the others sum (with ``spectrum_remainder``) to the unbiased equivariance error ``equiv_unbiased``
   of the same evaluation; ``spectrum_power_se`` its standard error over examples;
 * ``spectrum_remainder`` (field): power above ℓmax (SO(3) only) and ``spectrum_remainder_se``;
-* ``layer_share`` (layer, ell): share of the layer output's power (of g ↦ h(g x), not
+* ``layer_share`` (layer, ell; ``t`` null: pooled over the evaluation's flow times, each
+  (example, t) an independent unit with its own K rotations, which a per-t split is too noisy
+  for): share of the layer output's power (of g ↦ h(g x), not
   canonicalised; grid feature maps ARE canonicalised, see ``canonical_grid_features``) in that
   ℓ, ``layer_share_se`` its standard error over examples; ``layer_share_remainder`` (layer): the
   share above ℓmax.
@@ -149,7 +151,7 @@ class SpectrumProbe:
                 h, hm = canonical_grid_features(h, R, out, mask, name)
             idx = example_index(view, h.shape[1], B)
             s = spectrum(h, R, self.lmax, idx, hm if idx is None else None, exhaustive)
-            self._add(self.hidden, (split, t, name), s)
+            self._add(self.hidden, (split, None, name), s)  # pooled over flow times
         self._features = {n: [] for n in self.layers}
 
     def rows(self, units: dict[str, str]) -> list[dict[str, Any]]:
