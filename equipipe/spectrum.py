@@ -71,6 +71,11 @@ is the exact projection of z restricted to G onto the isotypic component of the 
   whenever ℓ + ℓ' ≤ 5 (⟨z_g, z_h⟩ depends on g^-1 h only). Tests and probes of features that must
   land "exactly" in one ℓ use it; above those bands the 60 points alias.
 
+A closed form (derived, tested): the EScAIP-like direct force head on an invariant backbone gives
+z_i(g) = m_i Σ_j g^T diag(W h_ij) g r̂_ij. g^T A g for a symmetric A is ℓ = 0 (tr A / 3 · I) plus
+ℓ = 2 (the traceless part), so that model's force equivariance error is pure ℓ = 2, at every step
+and for every W; P_1 = P_3 = ... = 0.
+
 Hidden features: the same estimators applied to g ↦ h(g x) (no canonicalisation: a hidden
 feature has no group action of its own in a non-equivariant model), reported as shares
 P_ℓ / S of the feature's power. ℓ ≥ 1 content there is not a defect: a feature that carries a
