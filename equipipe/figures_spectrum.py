@@ -14,7 +14,7 @@ projections are exact and drawn as they are. A note names the resolved ℓ carry
 error at the first and the last evaluation.
 
 ``layer_spectrum`` (style keys: ``t`` (one flow time, for tables logged per t; the probe pools
-flow times, t null), ``split``,
+flow times, t null), ``split`` (default val, else val_octahedral),
 ``vmin`` (1e-4)): one heatmap per probed layer: evaluation step (columns) by ℓ (rows,
 "rem" = above ℓmax), colour = share of the layer output's power, log colour scale; cells whose
 share is below 3 standard errors (not resolved from zero) are marked ×. An
@@ -186,6 +186,11 @@ def layer_spectrum(ctx: FigureContext) -> Figure:
             (pl.col("experiment") == exp) & (pl.col("layer") == layer)
             & pl.col("metric").is_in(["layer_share", "layer_share_remainder"])
         )  # fmt: skip
+        splits = df.get_column("split").unique().to_list()
+        split = ctx.opt("split") or next(
+            (x for x in ("val", "val_octahedral", "val_haar") if x in splits), sorted(splits)[0]
+        )
+        df = df.filter(pl.col("split") == split)
         ts = _ts(df)  # [None]: the probe pools flow times (too noisy per t)
         want = ctx.style.get("t") if any(x is not None for x in ts) else None
         t = want if want is not None else (ts[len(ts) // 2] if ts else None)
@@ -201,7 +206,7 @@ def layer_spectrum(ctx: FigureContext) -> Figure:
                           cmap="magma", interpolation="nearest")  # fmt: skip
         se = ctx.metrics.filter(
             (pl.col("experiment") == exp) & (pl.col("layer") == layer)
-            & (pl.col("metric") == "layer_share_se")
+            & (pl.col("metric") == "layer_share_se") & (pl.col("split") == split)
         )  # fmt: skip
         se = se.filter(pl.col("t").is_null() if t is None else (pl.col("t") - t).abs() < 1e-9)
         unresolved = 0
