@@ -331,30 +331,40 @@ def gram(
         n (B,) float64 element counts.
     """
     K, M = z.shape[0], z.shape[1]
-    zd = z.detach().double()
     keep = None
     if mask is not None:
         keep = _reduce_mask(mask.to(z.device), tuple(z.shape[1:]))
-    if keep is not None:
-        zd = zd * keep.unsqueeze(0).to(zd.dtype)
-        counts = keep.reshape(M, -1).sum(1).double()
-    else:
-        counts = torch.full((M,), float(zd[0, 0].numel()), dtype=torch.float64, device=z.device)
-    flat = zd.reshape(K, M, -1)
     if index is None:
         if M != n_examples:
             raise ValueError(
                 f"values have {M} leading entries but the batch has {n_examples} examples; "
                 "pass index (the example of each entry) for ragged batches"
             )
-        return torch.einsum("imf,jmf->mij", flat, flat), counts
+        # one example at a time: a float64 copy of a whole batch of grids would not fit
+        G = torch.zeros(M, K, K, dtype=torch.float64, device=z.device)
+        n = torch.zeros(M, dtype=torch.float64, device=z.device)
+        for m in range(M):
+            zm = z[:, m].detach().reshape(K, -1)
+            if keep is not None:
+                zm = zm[:, keep[m].reshape(-1)]
+            zm = zm.double()
+            G[m] = zm @ zm.T
+            n[m] = zm.shape[1]
+        return G, n
     if index.shape[0] != M:
         raise ValueError(f"index has {index.shape[0]} entries, values have {M}")
+    flat = z.detach().double().reshape(K, M, -1)
+    if keep is not None:
+        flat = flat * keep.reshape(M, -1).unsqueeze(0).to(flat.dtype)
+        counts = keep.reshape(M, -1).sum(1).double()
+    else:
+        counts = torch.full((M,), float(flat.shape[-1]), dtype=torch.float64, device=z.device)
     per = torch.einsum("imf,jmf->mij", flat, flat)
+    idx = index.to(z.device).long()
     G = torch.zeros(n_examples, K, K, dtype=torch.float64, device=z.device)
-    G.index_add_(0, index.to(z.device).long(), per)
+    G.index_add_(0, idx, per)
     n = torch.zeros(n_examples, dtype=torch.float64, device=z.device)
-    n.index_add_(0, index.to(z.device).long(), counts)
+    n.index_add_(0, idx, counts)
     return G, n
 
 
