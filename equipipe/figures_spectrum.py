@@ -206,18 +206,21 @@ def layer_spectrum(ctx: FigureContext) -> Figure:
                           cmap="magma", interpolation="nearest")  # fmt: skip
         se = ctx.metrics.filter(
             (pl.col("experiment") == exp) & (pl.col("layer") == layer)
-            & (pl.col("metric") == "layer_share_se") & (pl.col("split") == split)
-        )  # fmt: skip
+            & pl.col("metric").is_in(["layer_share_se", "layer_share_remainder_se"])
+            & (pl.col("split") == split)
+        ).with_columns(pl.col("ell").fill_null("rem"))  # fmt: skip
         se = se.filter(pl.col("t").is_null() if t is None else (pl.col("t") - t).abs() < 1e-9)
         unresolved = 0
         for ell, step, v in _seed_mean(se, ["ell"]).select("ell", "step", "value").iter_rows():
+            if ell not in labels or step not in steps:
+                continue
             i, j = labels.index(ell), steps.index(step)
             if np.isfinite(v) and grid[i, j] < 3 * v:  # not resolved from zero: marked
                 ax.plot(j, i, marker="x", color="0.6", ms=4, mew=0.8)
                 unresolved += 1
         if unresolved:
-            ax.text(1.0, 1.01, "×: share < 3 SE", transform=ax.transAxes, ha="right",
-                    va="bottom", fontsize=7, color="0.4")  # fmt: skip
+            ax.text(1.0, -0.16, "×: share < 3 SE", transform=ax.transAxes, ha="right",
+                    va="top", fontsize=7, color="0.4")  # fmt: skip
         ax.set_yticks(range(len(labels)), [f"ℓ={x}" if x.isdigit() else "> ℓmax" for x in labels])
         every = max(1, len(steps) // 8)
         ax.set_xticks(range(0, len(steps), every), [str(s) for s in steps[::every]], fontsize=7.5)

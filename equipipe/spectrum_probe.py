@@ -23,7 +23,7 @@ the octahedral evaluation; ``layer`` a module name):
   for): share of the layer output's power (of g ↦ h(g x), not
   canonicalised; grid feature maps ARE canonicalised, see ``canonical_grid_features``) in that
   ℓ, ``layer_share_se`` its standard error over examples; ``layer_share_remainder`` (layer): the
-  share above ℓmax.
+  share above ℓmax, ``layer_share_remainder_se`` its standard error.
 
 Noise: with K = 10 rotations an example has 45 rotation pairs, and the estimate of P_ℓ carries
 cross-talk from the other ℓ of order (2ℓ+1) / sqrt(45 · examples) of the power there (zero in
@@ -55,6 +55,7 @@ SPECTRUM_METRICS = (
     "layer_share",
     "layer_share_se",
     "layer_share_remainder",
+    "layer_share_remainder_se",
 )
 
 
@@ -180,6 +181,9 @@ class SpectrumProbe:
             if not s.exhaustive:
                 rows.append(dict(split=split, metric="layer_share_remainder", t=t, unit="fraction",
                                  value=sh["remainder"], n=s.n_elements, layer=layer))  # fmt: skip
+                rows.append(dict(split=split, metric="layer_share_remainder_se", t=t, n=s.n_elements,
+                                 value=s.share_standard_error("remainder"), unit="fraction",
+                                 layer=layer))  # fmt: skip
         return rows
 
 
