@@ -108,3 +108,10 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     random.setstate((version, tuple(internal), gauss))
     if state.get("cuda") is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """Step of the checkpoint at ``path`` (None when there is none yet)."""
+    if not Path(path).exists():
+        return None
+    return int(torch.load(path, map_location="cpu", weights_only=True)["step"])

@@ -16,7 +16,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import platform
 import shutil
 import signal

@@ -16,6 +16,8 @@ import polars as pl
 import pytest
 import yaml
 
+from equipipe.checkpoint import checkpoint_step
+
 ROOT = Path(__file__).resolve().parent.parent
 SNAKEFILE = ROOT / "workflow" / "Snakefile"
 TINY = ROOT / "tests" / "fixtures" / "tiny_config.yaml"
@@ -146,10 +148,10 @@ def test_sigkill_then_rerun_incomplete_resumes_to_identical_metrics(finished, tm
          str(wd / "config.yaml"), "--cores", "1", "results/runs/ff_default/seed0/metrics.parquet"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
     )  # fmt: skip
-    ckpt = wd / "results/runs/ff_default/seed0/work/metrics.partial.parquet"
+    ckpt = wd / "results/runs/ff_default/seed0/work/ckpt.pt"
     deadline = time.time() + 240
     while time.time() < deadline:
-        if ckpt.exists() and pl.read_parquet(ckpt)["step"].max() >= 8:
+        if (checkpoint_step(ckpt) or 0) >= 8:
             break
         time.sleep(0.2)
     else:
