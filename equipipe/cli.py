@@ -62,6 +62,7 @@ def cmd_subset(a) -> None:
         Path(a.out),
         float(a.size) if a.unit == "fraction" else int(float(a.size)),
         a.unit,
+        a.name,
     )
 
 
@@ -203,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--unit", required=True, help="conformers | chains | molecules | examples | fraction"
     )
     s.add_argument("--out", required=True)
+    s.add_argument("--name", default=None, help="subset name for messages (default: --out's stem)")
     s.set_defaults(fn=cmd_subset)
 
     s = sub.add_parser(

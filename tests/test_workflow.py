@@ -103,6 +103,35 @@ def test_adding_a_subset_schedules_only_what_uses_it(finished):
     assert set(jobs) <= {"collect", "archive_config", "all"}, jobs
 
 
+def test_subset_counts_molecules_and_refuses_more_than_exists(finished):
+    """Through Snakemake: "2 molecules" is two molecules with all their training conformers;
+    a subset larger than the training split fails with the subset, unit and available count."""
+    wd = finished.parent / (finished.name + "_subsets")
+    shutil.copytree(finished, wd, ignore=shutil.ignore_patterns("locks", "incomplete"))
+    cfg = yaml.safe_load((wd / "config.yaml").read_text())
+    cfg["datasets"]["spice"]["subsets"] |= {
+        "m2": {"size": 2, "unit": "molecules"},
+        "big": {"size": 1000, "unit": "conformers"},
+    }
+    (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
+    data = wd / "results/data/spice"
+    snakemake(wd, "--cores", "1", str(data.relative_to(wd) / "subsets/m2.parquet"))
+    split = pl.read_parquet(data / "split.parquet").filter(pl.col("split") == "train")
+    ids = set(pl.read_parquet(data / "subsets/m2.parquet")["id"])
+    keys = set(split.filter(pl.col("id").is_in(list(ids)))["key"])
+    assert len(keys) == 2 and ids == set(split.filter(pl.col("key").is_in(list(keys)))["id"])
+    out = snakemake(
+        wd, "--cores", "1", str(data.relative_to(wd) / "subsets/big.parquet"), check=False
+    )
+    log = (wd / "logs/spice/subset_big.log").read_text()
+    assert out.returncode != 0 and not (data / "subsets/big.parquet").exists()
+    assert (
+        f"subset 'big' asks for 1000 conformers but the training split has only {split.height} conformers"
+        in log
+    )
+    assert "Traceback" not in log
+
+
 def test_bad_config_names_key_and_allowed_values(tmp_path):
     cfg = yaml.safe_load(TINY.read_text())
     cfg["tasks"]["forcefield"]["size"] = "9M"
