@@ -11,6 +11,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from equipipe.errors import DEBUG_ENV
 
@@ -87,3 +88,15 @@ def test_download_error_is_one_line_naming_address_and_fix(http_server, tmp_path
                  "--cfg", json.dumps({"zenodo_api": api}))  # fmt: skip
     line = error_line(p, "download")
     assert api in line and "rerun the job" in line
+
+
+@pytest.mark.parametrize("text", ["1e-3", "5e-4", "1.0e3"])
+def test_number_yaml_reads_as_text_gets_the_spelling_that_works(tmp_path, text):
+    root = Path(__file__).resolve().parent
+    cfg = (root / "fixtures" / "tiny_config.yaml").read_text().replace("lr: 1.0e-3", f"lr: {text}")
+    (tmp_path / "config.yaml").write_text(cfg)
+    p = equipipe("validate-config", str(tmp_path / "config.yaml"))
+    line = error_line(p, "validate-config")
+    assert "tasks.forcefield.train.lr" in line and f"YAML reads {text} as text: write " in line
+    spelled = line.split(": write ")[1].rstrip(")")
+    assert yaml.safe_load(f"lr: {spelled}")["lr"] == float(text)  # the advice works
