@@ -17,6 +17,9 @@ DATASETS = ("spice", "pdb", "geom")
 
 
 def _json(text: str) -> dict:
+    from equipipe.params import read_param
+
+    text = read_param(text)  # "@path": the rule's content-addressed parameter file
     try:
         return json.loads(text) if text else {}
     except json.JSONDecodeError as e:

@@ -3,6 +3,7 @@
 import json
 
 from equipipe import config as eqcfg
+from equipipe.params import param_file  # JSON params as short content-addressed files
 
 # The schema (workflow/schemas/config.schema.yaml) with every free-form block closed, defaults
 # filled, then the checks between fields; errors name the key's path and the allowed keys.
@@ -37,16 +38,18 @@ def preprocess_input(wildcards):
 
 
 def dataset_cfg(dataset, block):
-    return json.dumps(
-        config["datasets"].get(dataset, {}).get(block, {}), sort_keys=True
+    return param_file(
+        json.dumps(config["datasets"].get(dataset, {}).get(block, {}), sort_keys=True)
     )
 
 
 def download_cfg(dataset):
     ds = config["datasets"].get(dataset, {})
-    return json.dumps(
-        {**ds.get("download", {}), "download_dir": ds.get("download_dir")},
-        sort_keys=True,
+    return param_file(
+        json.dumps(
+            {**ds.get("download", {}), "download_dir": ds.get("download_dir")},
+            sort_keys=True,
+        )
     )
 
 
@@ -74,7 +77,9 @@ def train_inputs(wildcards):
 
 
 def train_spec(wildcards):
-    return eqcfg.run_spec_json(config, wildcards.experiment, int(wildcards.seed))
+    return param_file(
+        eqcfg.run_spec_json(config, wildcards.experiment, int(wildcards.seed))
+    )
 
 
 def train_out(wildcards):
@@ -129,7 +134,7 @@ def analysis_spec(wildcards):
     extra = {"experiments": a["experiments"]} if a.get("experiments") else {}
     if a.get("checkpoint"):
         extra["checkpoint"] = a["checkpoint"]
-    return json.dumps({**a["spec"], **extra}, sort_keys=True)
+    return param_file(json.dumps({**a["spec"], **extra}, sort_keys=True))
 
 
 def figure_of(wildcards):
@@ -145,8 +150,8 @@ def figure_inputs(wildcards):
 
 
 def figure_spec(wildcards):
-    return json.dumps(
-        {"name": wildcards.figure, **figure_of(wildcards)}, sort_keys=True
+    return param_file(
+        json.dumps({"name": wildcards.figure, **figure_of(wildcards)}, sort_keys=True)
     )
 
 

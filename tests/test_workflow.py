@@ -132,6 +132,26 @@ def test_subset_counts_molecules_and_refuses_more_than_exists(finished):
     assert "Traceback" not in log
 
 
+def test_changed_setting_reruns_dependents_with_short_reason_lines(finished):
+    """A changed setting reruns what depends on it; the dry run's reason lines name short
+    parameter files (equipipe.params), not the config or a training spec as JSON."""
+    wd = finished.parent / (finished.name + "_reasons")
+    shutil.copytree(finished, wd, ignore=shutil.ignore_patterns("locks", "incomplete"))
+    cfg = yaml.safe_load((wd / "config.yaml").read_text())
+    cfg["tasks"]["forcefield"]["train"]["lr"] = 2.0e-3
+    (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
+    out = snakemake(wd, "-n")
+    text = out.stdout + out.stderr
+    jobs = planned_jobs(out)
+    assert jobs.pop("train") == 3 and jobs.pop("archive_config") == 1  # every forcefield run
+    assert set(jobs) <= {"figure", "collect", "all"}, jobs  # and what reads them; no data job
+    reasons = [ln for ln in text.splitlines() if ln.strip().startswith("reason:")]
+    params = [ln for ln in reasons if "Params have changed" in ln]
+    assert len(params) == 4 and all(".snakemake/equipipe_params/" in ln for ln in params)
+    assert max(len(ln) for ln in params) < 400, max(params, key=len)
+    assert '"lr"' not in text and '"datasets"' not in text
+
+
 def test_bad_config_names_key_and_allowed_values(tmp_path):
     cfg = yaml.safe_load(TINY.read_text())
     cfg["tasks"]["forcefield"]["size"] = "9M"
