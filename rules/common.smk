@@ -3,6 +3,7 @@
 import json
 
 from equipipe import config as eqcfg
+from equipipe.data.dataset_block import step_block
 from equipipe.params import param_file  # JSON params as short content-addressed files
 
 # The schema (workflow/schemas/config.schema.yaml) with every free-form block closed, defaults
@@ -43,18 +44,25 @@ def dataset_cfg(dataset, block):
     )
 
 
-def download_cfg(dataset):
-    ds = config["datasets"].get(dataset, {})
+def step_cfg(dataset, step):
+    """The validated dataset block a data step receives (equipipe.data.dataset_block)."""
     return param_file(
         json.dumps(
-            {**ds.get("download", {}), "download_dir": ds.get("download_dir")},
-            sort_keys=True,
+            step_block(config["datasets"].get(dataset, {}), step, dataset), sort_keys=True
         )
     )
 
 
+def embedded_cfg(dataset):
+    return step_cfg(dataset, "build_embedded")
+
+
+def download_cfg(dataset):
+    return step_cfg(dataset, "download")
+
+
 def preprocess_cfg(wildcards):
-    return dataset_cfg(wildcards.dataset, "preprocess")
+    return step_cfg(wildcards.dataset, "preprocess")
 
 
 def split_cfg(wildcards):
