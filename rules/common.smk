@@ -48,7 +48,8 @@ def step_cfg(dataset, step):
     """The validated dataset block a data step receives (equipipe.data.dataset_block)."""
     return param_file(
         json.dumps(
-            step_block(config["datasets"].get(dataset, {}), step, dataset), sort_keys=True
+            step_block(config["datasets"].get(dataset, {}), step, dataset),
+            sort_keys=True,
         )
     )
 
