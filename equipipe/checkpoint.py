@@ -103,7 +103,7 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     """Restore what :func:`rng_state` captured."""
     torch.set_rng_state(state["torch"].cpu())
     kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if state.get("cuda") is not None and device.type == "cuda":

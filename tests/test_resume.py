@@ -173,3 +173,20 @@ def test_crash_hook_names_only_known_points(monkeypatch):
     monkeypatch.setenv(CRASH_ENV, "middle@2")
     with pytest.raises(ValueError, match="unknown point.*mid_write"):
         crash_point("mid_write", 2)
+
+
+def test_every_global_random_state_survives_the_checkpoint_file(tmp_path):
+    import random
+
+    import numpy as np
+
+    from equipipe.checkpoint import atomic_save, rng_state, set_rng_state
+
+    cpu = torch.device("cpu")
+    np.random.seed(1), random.seed(2), torch.manual_seed(3)
+    atomic_save({"rng": rng_state(cpu)}, tmp_path / "ckpt.pt")
+    first = (np.random.rand(3).tolist(), random.random(), torch.rand(3).tolist())
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)["rng"]
+    set_rng_state(state, cpu)
+    assert (np.random.rand(3).tolist(), random.random(), torch.rand(3).tolist()) == first
+    assert not (tmp_path / "ckpt.pt.tmp").exists()
