@@ -114,6 +114,9 @@ def analysis_runs(a):
 
 def analysis_inputs(wildcards):
     a = analysis_of(wildcards)
+    if a["kind"] == "md":  # every checkpoint of the model's runs and the e3nn floor's weights
+        names = ("metrics.parquet", "run.json", "model.pt", "checkpoints")
+        return {"runs": run_files(a.get("experiments") or [a["experiment"]], names)}
     if a.get("experiments"):
         return {"runs": run_files(a["experiments"])}
     d = run_dir(a["experiment"], a["seed"])
