@@ -78,7 +78,7 @@ def md_deviation(ctx: FigureContext) -> Figure:
         ):
             if variant not in ("raw", *FLOORS):
                 continue
-            t, d = g["time_fs"].to_numpy(), g["d_mean"].to_numpy(dtype=float)
+            t, d = g["time_fs"].to_numpy(), g["d_mean"].to_numpy().astype(float)
             keep = np.isfinite(d) & (d > 0)
             if variant == "raw":
                 ax2.plot(t[keep], d[keep], color=colour.get(step, "k"), lw=1.2,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -80,6 +81,27 @@ def test_end_to_end_outputs_and_report(finished):
     # nothing left to do: a second run schedules no job
     out = snakemake(wd, "-n")
     assert "Nothing to be done" in out.stdout + out.stderr
+
+
+def test_named_checkpoints_and_md_analysis_through_snakemake(finished):
+    """train.keep_steps checkpoints are declared outputs; the md analysis reads them and its
+    table and figure reach the report."""
+    wd = finished
+    for d in (wd / "results/runs/ff_default/seed0", wd / "results/runs/ff_default/seed1",
+              wd / "results/runs/ff_c4/seed0"):  # fmt: skip
+        assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["step2.pt", "step6.pt"]
+        info = json.loads((d / "run.json").read_text())
+        assert info["checkpoints"] == {"checkpoints/step2.pt": 2, "checkpoints/step6.pt": 6}
+    table = pl.read_parquet(wd / "results/analysis/ff_md/md.parquet")
+    raw = table.filter(pl.col("variant") == "raw").sort("seed", "step")
+    assert raw.select("seed", "step").rows() == [(0, 2), (0, 12), (1, 2), (1, 12)]
+    assert set(table["variant"]) == {"raw", "twirl_exact", "conservative"}
+    assert raw["pct"].null_count() == 0 and (raw["n_traj"] == 2).all()
+    assert {"d_5fs", "energy_drift", "angmom_drift", "n_blowups", "drift_symmetry"} <= set(
+        table.columns
+    )
+    assert "<th>d_5fs</th>" in (wd / "results/tables/ff_md.html").read_text()
+    assert (wd / "results/figures/md.png").stat().st_size > 1000
 
 
 def test_adding_a_subset_schedules_only_what_uses_it(finished):
