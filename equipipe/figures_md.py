@@ -73,6 +73,7 @@ def md_deviation(ctx: FigureContext) -> Figure:
     if ctx.style.get("legend", "best") is not False:
         ax.legend(loc=ctx.style.get("legend", "best"), fontsize=7)
     if curves.height:
+        labelled: set[str] = set()  # one legend entry per floor
         for (_exp, seed, _ckpt, step, variant), g in curves.sort("time_fs").group_by(
             ["experiment", "seed", "checkpoint", "step", "variant"], maintain_order=True
         ):
@@ -85,13 +86,15 @@ def md_deviation(ctx: FigureContext) -> Figure:
                          label=f"step {step}, seed {seed}")  # fmt: skip
             else:
                 label, c, ls = FLOORS[variant]
+                labelled_now = variant in labelled
+                labelled.add(variant)
                 ax2.plot(
                     t[keep],
                     d[keep],
                     color=c,
                     ls=ls,
                     lw=1.0,
-                    label=f"{label}, step {step}, seed {seed}",
+                    label=None if labelled_now else f"floor: {label}",
                 )
         ax2.set_yscale("log")
         ax2.set_xlabel("Time (fs)")

@@ -89,7 +89,7 @@ def test_named_checkpoints_and_md_analysis_through_snakemake(finished):
     wd = finished
     for d in (wd / "results/runs/ff_default/seed0", wd / "results/runs/ff_default/seed1",
               wd / "results/runs/ff_c4/seed0"):  # fmt: skip
-        assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["step2.pt", "step6.pt"]
+        assert sorted(p.name for p in (d / "checkpoints").glob("*.pt")) == ["step2.pt", "step6.pt"]
         info = json.loads((d / "run.json").read_text())
         assert info["checkpoints"] == {"checkpoints/step2.pt": 2, "checkpoints/step6.pt": 6}
     table = pl.read_parquet(wd / "results/analysis/ff_md/md.parquet")
