@@ -67,6 +67,7 @@ MD_DEFAULTS: dict[str, Any] = {
     "checkpoints": None,  # files in the run folder; None: [checkpoint]
     "checkpoint": "model.pt",
     "molecules": 2,  # held-out molecules (first conformer of the first distinct molecules)
+    "max_atoms": None,  # only molecules with at most this many atoms (None: any size)
     "split": "test",
     "rotations": 2,  # Haar rotations R per molecule (plus the unrotated start)
     "rotation_seed": 0,
@@ -315,8 +316,11 @@ def summary(res: dict[str, Any], spec: dict) -> dict[str, Any]:
 # Runs, checkpoints and the analysis entry point
 
 
-def held_out_molecules(info: dict, split: str, n: int) -> list[dict[str, np.ndarray]]:
-    """First conformer of each of the first ``n`` distinct molecules of ``split`` (rank order)."""
+def held_out_molecules(
+    info: dict, split: str, n: int, max_atoms: int | None = None
+) -> list[dict[str, np.ndarray]]:
+    """First conformer of each of the first ``n`` distinct molecules of ``split`` (rank order),
+    among those with at most ``max_atoms`` atoms when given."""
     from equipipe.store import Store  # noqa: PLC0415
 
     store = Store(info["data"]["store"])
@@ -327,11 +331,20 @@ def held_out_molecules(info: dict, split: str, n: int) -> list[dict[str, np.ndar
     keys = store.index["key"].cast(str).to_numpy()[rows]
     picked, seen = [], set()
     for row, key in zip(rows, keys):
-        if key not in seen:
-            seen.add(key)
-            picked.append(store.get(int(row)))
+        if key in seen:
+            continue
+        ex = store.get(int(row))
+        if max_atoms is not None and len(ex["z"]) > max_atoms:
+            continue
+        seen.add(key)
+        picked.append(ex)
         if len(picked) == n:
             break
+    if len(picked) < n:
+        raise ValueError(
+            f"md: split {split!r} has {len(picked)} molecules with at most {max_atoms} atoms, "
+            f"{n} asked for (molecules, max_atoms)"
+        )
     return picked
 
 
@@ -394,7 +407,7 @@ def md(run_dirs: list[str | Path], out_dir: str | Path, spec: dict | None = None
             f"md: equivariant experiment {spec['equivariant']!r} is not among the runs {sorted(by_exp)}"
         )
     first_info = by_exp[model_exp][0][1]
-    mols = held_out_molecules(first_info, spec["split"], int(spec["molecules"]))
+    mols = held_out_molecules(first_info, spec["split"], int(spec["molecules"]), spec["max_atoms"])
     starts = [
         start_molecule(m["pos"], m["z"], spec["temperature_K"],
                        np.random.default_rng([int(spec["velocity_seed"]), i]))
