@@ -153,6 +153,19 @@ def cmd_validate(a) -> None:
     )
 
 
+def cmd_config_docs(a) -> None:
+    from equipipe.config_docs import README, render_readme, write_readme
+
+    if a.write:
+        print(f"{README}: {'rewritten' if write_readme() else 'already up to date'}")
+    elif render_readme(README.read_text()) != README.read_text():
+        raise SystemExit(
+            f"{README} is out of date with the schema: run equipipe config-docs --write"
+        )
+    else:
+        print(f"{README}: up to date with the schema")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="equipipe",
@@ -169,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dataset", help=f"one of {', '.join(DATASETS)}")
     s.add_argument("--out", required=True, help="output folder (resources/<dataset>/embedded)")
     s.add_argument(
-        "--cfg", default="{}", help="dataset config slice as JSON (the `embedded` block)"
+        "--cfg",
+        default="{}",
+        help="the dataset's config block as JSON (equipipe.data.dataset_block)",
     )
     s.set_defaults(fn=cmd_build_embedded)
 
@@ -183,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="e.g. spice-2.0.1, spice-1.1.4, maceoff23, wwpdb, geom-rdkit",
     )
     s.add_argument("--out", required=True)
-    s.add_argument("--cfg", default="{}")
+    s.add_argument("--cfg", default="{}", help="the dataset's config block as JSON")
     s.set_defaults(fn=cmd_download)
 
     s = sub.add_parser(
@@ -192,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dataset")
     s.add_argument("--raw", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--cfg", default="{}")
+    s.add_argument("--cfg", default="{}", help="the dataset's config block as JSON")
     s.set_defaults(fn=cmd_preprocess)
 
     s = sub.add_parser("split", help="molecule/cluster-level train/val/test split")
@@ -273,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("validate-config", help="validate a config file against the schema")
     s.add_argument("config")
     s.set_defaults(fn=cmd_validate)
+
+    s = sub.add_parser(
+        "config-docs", help="check (or --write) config/README.md's key tables against the schema"
+    )
+    s.add_argument("--write", action="store_true", help="regenerate the tables in place")
+    s.set_defaults(fn=cmd_config_docs)
     return p
 
 

@@ -59,31 +59,10 @@ from ase.md.velocitydistribution import Stationary, ZeroRotation, thermalize_mom
 from ase.md.verlet import VelocityVerlet
 
 from equipipe.calculator import EquipipeCalculator, load_checkpoint
+from equipipe.config import defaults
 from equipipe.so3 import haar_rotations
 
-MD_DEFAULTS: dict[str, Any] = {
-    "model": None,  # experiment under test (escaip); None: the first non-equivariant one
-    "equivariant": None,  # experiment whose model.pt gives the e3nn floors; None: no e3nn floor
-    "checkpoints": None,  # files in the run folder; None: [checkpoint]
-    "checkpoint": "model.pt",
-    "molecules": 2,  # held-out molecules (first conformer of the first distinct molecules)
-    "max_atoms": None,  # only molecules with at most this many atoms (None: any size)
-    "split": "test",
-    "rotations": 2,  # Haar rotations R per molecule (plus the unrotated start)
-    "rotation_seed": 0,
-    "velocity_seed": 0,
-    "temperature_K": 300.0,
-    "timestep_fs": 0.5,
-    "length_fs": 50.0,
-    "times_fs": [10.0, 25.0, 50.0],
-    "dtype": "float32",  # of the model under test; e3nn floors run in float32 and float64
-    "device": "cpu",
-    "twirl_exact": True,  # the exact-head-twirl floor of each checkpoint
-    "conservative": True,  # the conservative (-dE/dx) run of each checkpoint
-    "blowup_distance": 3.0,  # Å: an atom this far from every other atom has flown off
-    "collapse_distance": 0.5,  # Å: two atoms this close have collapsed
-    "experiments": [],  # set by the workflow: the experiments whose runs are given
-}
+MD_DEFAULTS: dict[str, Any] = defaults("analysis", "md")  # the schema's ("analysis:md")
 
 
 def resolve_spec(spec: dict | None) -> dict[str, Any]:
@@ -95,8 +74,6 @@ def resolve_spec(spec: dict | None) -> dict[str, Any]:
             f"md spec key {unknown[0]!r} is unknown; allowed: {', '.join(sorted(MD_DEFAULTS))}"
         )
     out = {**MD_DEFAULTS, **spec}
-    if out["checkpoints"] is None:
-        out["checkpoints"] = [out["checkpoint"]]
     if out["dtype"] not in ("float32", "float64"):
         raise ValueError(f"md dtype {out['dtype']!r} is unknown; allowed: float32, float64")
     n_steps = out["length_fs"] / out["timestep_fs"]

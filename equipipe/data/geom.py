@@ -78,7 +78,9 @@ from typing import Any
 
 import numpy as np
 
+from equipipe.config import dataset_defaults
 from equipipe.data import safe_pickle
+from equipipe.data.dataset_block import options
 from equipipe.data.download import file_digest, use_local_copy
 
 log = logging.getLogger(__name__)
@@ -92,7 +94,7 @@ MIDI_URL = "https://bits.csb.pitt.edu/files/geom_raw/"
 MIDI_SPLITS = ("train", "val", "test")
 HARTREE_KCAL = 627.509474  # kcal/mol per hartree
 KB_KCAL = 0.0019872043  # Boltzmann constant, kcal/(mol K)
-ELEMENTS: tuple[str, ...] = ("C", "H", "O", "N", "F", "S", "Cl", "Br")
+ELEMENTS: tuple[str, ...] = tuple(dataset_defaults("geom")["elements"])  # the schema's
 EMBEDDED_FORMAT = "equipipe GEOM-format embedded GFN2-xTB set (RDKit NCI first_5K molecules)"
 
 SOURCES: dict[str, dict[str, Any]] = {
@@ -117,32 +119,7 @@ SOURCES: dict[str, dict[str, Any]] = {
     },
 }
 
-DEFAULTS: dict[str, Any] = {
-    "source": "embedded",
-    "download_dir": None,
-    "dataverse_api": "https://dataverse.harvard.edu/api",
-    "midi_url": MIDI_URL,
-    "rdkit_folder_md5": None,
-    "midi_sha256": {},
-    "allow_unverified_pickles": False,
-    "conformers_per_molecule": 5,
-    "conformer_order": "first",
-    "elements": list(ELEMENTS),
-    "grid_size": 32,
-    "grid_spacing": 0.5,
-    "radius_margin": 1.0,
-    "max_molecules": None,
-    "max_bad_fraction": 0.5,
-    # embedded build
-    "n_molecules": 60,
-    "conformers": 5,
-    "seed": 1,
-    "min_heavy": 8,
-    "max_heavy": 24,
-    "prune_rms": 0.5,
-    "temperature": 298.15,
-    "workers": 2,
-}
+DEFAULTS: dict[str, Any] = {"source": "embedded", **dataset_defaults("geom")}  # the schema's
 
 CONFORMER_ORDERS = ("first", "lowest_energy")
 
@@ -215,7 +192,7 @@ def download(source: str, out_dir: Path, cfg: dict | None = None) -> None:
     """
     from equipipe.data.download import DownloadError, RemoteFile, dataverse_files, fetch
 
-    cfg = _config({**(cfg or {}), "source": source})
+    cfg = _config({**options(cfg, "download"), "source": source})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     source = cfg["source"]
@@ -377,7 +354,7 @@ def build_embedded(out_dir: Path, cfg: dict | None = None) -> None:
     """
     from equipipe.data.embedded import GEOM_ELEMENTS, draw_until, item_seed, smiles_pool
 
-    cfg = _config(cfg)
+    cfg = _config(options(cfg, "embedded"))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     n, seed = int(cfg["n_molecules"]), int(cfg["seed"])
@@ -723,7 +700,8 @@ def preprocess(raw_dir: Path, store_dir: Path, cfg: dict | None = None) -> None:
 
     from equipipe.store import StoreWriter, TooManyBadRecords
 
-    cfg = _config(cfg)
+    # the download section carries the trust options (allow_unverified_pickles, midi_sha256)
+    cfg = _config(options(cfg, "download", "preprocess"))
     source = cfg["source"]
     raw_dir, store_dir = Path(raw_dir), Path(store_dir)
     if source == "midi" and cfg["conformer_order"] == "lowest_energy":

@@ -76,6 +76,9 @@ from typing import Any
 
 import numpy as np
 
+from equipipe.config import dataset_defaults
+from equipipe.data.dataset_block import options
+
 log = logging.getLogger(__name__)
 
 SOURCES: dict[str, dict[str, Any]] = {
@@ -95,29 +98,7 @@ SOURCES: dict[str, dict[str, Any]] = {
     },
 }
 
-DEFAULTS: dict[str, Any] = {
-    "min_length": 50,
-    "max_length": 256,
-    "max_resolution": 5.0,
-    "methods": ["diffraction", "EM"],
-    "backend": "gemmi",
-    "mirror": None,
-    "base_url": None,
-    "concurrency": 8,
-    "retries": 3,
-    "timeout": 60,
-    "backoff": 1.0,
-    "limit": None,
-    "max_failed_downloads": 0.01,
-    "cluster_method": "auto",
-    "cluster_min_seq_id": 0.5,
-    "cluster_coverage": 0.8,
-    "threads": 1,
-    "workers": 1,
-    "max_bad_fraction": 0.5,
-    "embedded_max_length": 512,
-    "chain_break_angstrom": 4.2,
-}
+DEFAULTS: dict[str, Any] = dataset_defaults("pdb")  # the schema's
 
 BACKENDS = ("gemmi", "biopython")
 METHODS = ("diffraction", "EM", "NMR", "other")
@@ -591,6 +572,7 @@ def download(source: str, out_dir: Path, cfg: dict[str, Any]) -> None:
 
     from equipipe.data.download import DownloadError, fetch, fetch_many, verify_gzip
 
+    cfg = options(cfg, "preprocess", "download")  # the metadata filters are preprocess keys
     if source == "embedded":
         return build_embedded(out_dir, cfg)
     if source != "remote":
@@ -810,7 +792,7 @@ def build_embedded(out_dir: Path, cfg: dict[str, Any]) -> None:
     """
     import polars as pl
 
-    cfg = config(cfg)
+    cfg = config(options(cfg, "embedded"))
     out_dir = Path(out_dir)
     data_dir = mdanalysistests_data_dir()
     files = sorted(
@@ -900,7 +882,7 @@ def preprocess(raw_dir: Path, store_dir: Path, cfg: dict[str, Any]) -> None:
     from equipipe.data.clustering import cluster_sequences, mmseqs_available
     from equipipe.store import StoreWriter
 
-    cfg = config(cfg)
+    cfg = config(options(cfg, "preprocess"))
     raw_dir = Path(raw_dir)
     manifest = read_manifest(raw_dir)
     rows = manifest.to_dicts()
