@@ -52,9 +52,13 @@ def md_deviation(ctx: FigureContext) -> Figure:
     steps = sorted({s for s in raw["step"].to_list() if s is not None})
     colour = {s: PALETTE[i % len(PALETTE)] for i, s in enumerate(steps)}
     markers = ("o", "s", "^", "D", "v")
+    missing = []
     for r in raw.iter_rows(named=True):
         x, y = _positive(r["pct"]), _positive(r[col])
         if x is None or y is None:
+            missing.append(
+                f"step {r['step']} seed {r['seed']} ({r['n_blowups']}/{r['n_traj']} blown up)"
+            )
             continue
         ax.scatter(100 * x, y, color=colour.get(r["step"], "k"),
                    marker=markers[int(r["seed"]) % len(markers)], s=36, zorder=3,
@@ -70,8 +74,11 @@ def md_deviation(ctx: FigureContext) -> Figure:
     ax.set_xlabel("Share of held-out force error from equivariance error at the checkpoint (%)")
     ax.set_ylabel(f"Rotated-start deviation d({tf:g} fs) (Å)")
     ax.set_title(f"d({tf:g} fs) against pct")
-    if ctx.style.get("legend", "best") is not False:
-        ax.legend(loc=ctx.style.get("legend", "best"), fontsize=7)
+    if missing:
+        ax.text(0.01, 0.01, f"no d({tf:g} fs) (every pair blew up before): " + "; ".join(missing),
+                transform=ax.transAxes, fontsize=6.5, va="bottom", wrap=True)  # fmt: skip
+    if ctx.style.get("legend", "lower right") is not False:
+        ax.legend(loc=ctx.style.get("legend", "lower right"), fontsize=7, scatterpoints=1)
     if curves.height:
         labelled: set[str] = set()  # one legend entry per floor
         for (_exp, seed, _ckpt, step, variant), g in curves.sort("time_fs").group_by(
