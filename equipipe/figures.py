@@ -63,6 +63,7 @@ PLUGIN_MODULES: tuple[str, ...] = (
     "equipipe.figures_analysis",
     "equipipe.efficiency",
     "equipipe.figures_md",
+    "equipipe.figures_spectrum",
 )
 
 KindFn = Callable[["FigureContext"], Figure]

@@ -68,7 +68,15 @@ def test_end_to_end_outputs_and_report(finished):
     assert set(pct["experiment"]) == {"ff_default", "ff_c4"}
     assert pct.filter(pl.col("step") > 0)["step"].min() <= 10  # the curve starts early on log axes
     assert set(pct["step"].unique()) == {0, 1, 2, 6, 12}
-    for fig in ("pct", "by_size"):
+    spec = m.filter(pl.col("metric") == "spectrum_power")  # eval.spectrum_every of ff_default
+    assert set(spec["experiment"]) == {"ff_default"} and set(spec["ell"]) == {
+        "0",
+        "1",
+        "2",
+        "3",
+        "4",
+    }
+    for fig in ("pct", "by_size", "spectrum"):
         for ext in ("png", "pdf", "svg"):
             assert (wd / f"results/figures/{fig}.{ext}").stat().st_size > 1000
     assert (wd / "results/paper_comparison.html").is_file()
@@ -155,7 +163,7 @@ def test_changing_a_dataset_setting_reruns_only_what_depends_on_it(
     finished, tmp_path, block, key, value, expected
 ):
     """From the dry run (rerun triggers include params): the changed dataset step and its
-    downstream jobs (2 subsets, 3 training runs, the md analysis and its table, the 3 figures
+    downstream jobs (2 subsets, 3 training runs, the md analysis and its table, the 4 figures
     drawing them) are scheduled; the
     embedded build is not, nor anything upstream of the changed step."""
     cfg = yaml.safe_load((finished / "config.yaml").read_text())
@@ -169,7 +177,7 @@ def test_changing_a_dataset_setting_reruns_only_what_depends_on_it(
     )
     (new / "config.yaml").write_text(yaml.safe_dump(cfg))
     jobs = planned_jobs(snakemake(new, "-n", "--quiet", "rules"))
-    assert jobs.pop("figure") == 3, jobs
+    assert jobs.pop("figure") == 4, jobs
     assert {k: jobs.pop(k, 0) for k in expected} == expected, jobs
     assert set(jobs) <= {"collect", "archive_config", "provenance", "headlines", "all"}, jobs
 
