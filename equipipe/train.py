@@ -70,6 +70,7 @@ class TrainConfig:
     sample_per_cluster: bool = False  # one random example per store key each epoch (Proteina)
     checkpoint_every: int = 200
     analysis_step: int = 500
+    keep_steps: list[int] = field(default_factory=list)  # named checkpoints/step<N>.pt
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -506,6 +507,12 @@ class Trainer:
                     self._row("train", "lr", lr_at(self.step - 1, cfg))
                 if self.step == cfg.analysis_step and ddp.is_main():
                     atomic_save(self.model.state_dict(), early_path)
+                if (
+                    self.step in cfg.keep_steps and ddp.is_main()
+                ):  # moved to checkpoints/ at the end
+                    atomic_save(
+                        self.model.state_dict(), self.work / f"checkpoints/step{self.step}.pt"
+                    )
                 if self.step in evals:
                     if ddp.is_main():
                         self.evaluate()
@@ -535,7 +542,15 @@ class Trainer:
         shutil.copyfile(early_path, self.out / "early.pt")
         if self.ema:
             torch.save(self.ema.model.state_dict(), self.out / "model_ema.pt")
+        kept = sorted(s for s in set(self.tcfg.keep_steps) if s <= self.tcfg.steps)
+        shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
+        (self.out / "checkpoints").mkdir()
+        for s in kept:
+            shutil.copyfile(
+                self.work / f"checkpoints/step{s}.pt", self.out / f"checkpoints/step{s}.pt"
+            )
         info = run_info(self)
+        info["checkpoints"] = {f"checkpoints/step{s}.pt": s for s in kept}
         (self.out / "run.json").write_text(json.dumps(info, indent=1, default=str))
         shutil.rmtree(self.work, ignore_errors=True)
 
