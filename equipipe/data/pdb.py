@@ -34,10 +34,20 @@ C-alpha extraction (gemmi by default, Biopython's ``MMCIFParser`` with ``backend
 biopython``; both feed one selection routine, so their outputs are identical):
 
 - first model only; the chain is the author chain id (``auth_asym_id``);
-- a residue named one of the 20 standard amino acids contributes its CA (residues without a
-  CA are skipped, which a later CA-CA distance flags as a break); water is skipped;
-- a residue with another name that has backbone N, CA and C (e.g. ``MSE``) is a non-standard
-  amino acid: the whole chain is quarantined; any other residue (ligand, ion, cap) is skipped;
+- a chain is its polymer: only residues of the chain's polymer entity are considered, read
+  from the file (``_entity.type`` of the residue's ``label_entity_id`` is ``polymer``; a file
+  without ``_entity`` uses ``label_seq_id``, which only polymer residues carry). Ligands,
+  waters, ions and other non-polymer groups that share the author chain are never selected,
+  never quarantine the chain and never create a break, whatever their atom names (the
+  methionine moiety of SAM has atoms N, CA and C; a free amino acid ligand is named GLU);
+- a polymer residue named one of the 20 standard amino acids contributes its CA (residues
+  without a CA are skipped, which a later CA-CA distance flags as a break);
+- modified residues: a polymer residue with a CA and any other name (``MSE``, ``SEP``,
+  ``UNK``, ...) quarantines the whole chain ("non-standard residue MSE"), as Proteína keeps
+  standard residues only; polymer caps without a CA (``ACE``, ``NH2``) are skipped;
+- a file with neither ``_entity`` nor ``label_seq_id`` (legacy files; the embedded builder's
+  input) falls back to names: water skipped, a non-standard residue with backbone N, CA and C
+  quarantines the chain, any other residue is skipped;
 - alternate locations: altloc ``A`` if present, else the highest occupancy (first on ties);
   the same rule picks between point-mutation variants sharing one residue number;
 - a truncated or corrupt gzip, an unparseable file, a chain with no CA, a missing chain or a
@@ -182,8 +192,10 @@ class CAChain:
 
 
 # A residue as a backend reports it: (name, seq number, insertion code, has N and C,
-# [(altloc, occupancy, x, y, z) for every CA]) with float32 occupancy and coordinates (Å).
-_Record = tuple[str, int, str, bool, list[tuple[str, float, float, float, float]]]
+# [(altloc, occupancy, x, y, z) for every CA], polymer) with float32 occupancy and coordinates
+# (Å); polymer is True/False from the file's entity records, None when the file has none.
+_Record = tuple[str, int, str, bool, list[tuple[str, float, float, float, float]], bool | None]
+_ResKey = tuple[str, int, str, str]  # (auth chain, auth seq number, insertion code, name)
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
@@ -223,6 +235,49 @@ def _decode(raw: bytes | str) -> str:
         return raw.decode("latin-1")
 
 
+def polymer_index(column) -> dict[_ResKey, bool] | None:
+    """Which residues of model 1 belong to a polymer entity, from the mmCIF categories.
+
+    ``column(tag)`` returns the values of one mmCIF item (a list of strings) or None; both
+    backends pass their parser's own view of the same file, so they decide identically.
+    Returns (auth chain, auth seq number, insertion code, residue name) -> polymer, or None
+    when the file has neither ``_entity.type`` nor ``_atom_site.label_seq_id``.
+    """
+    seq = column("_atom_site.label_seq_id")
+    ent = column("_atom_site.label_entity_id")
+    types = dict(zip(column("_entity.id") or [], column("_entity.type") or []))
+    use_types = bool(types) and bool(ent)
+    if not use_types and not seq:
+        return None
+    chain = column("_atom_site.auth_asym_id") or column("_atom_site.label_asym_id")
+    num = column("_atom_site.auth_seq_id") or column("_atom_site.label_seq_id")
+    comp = column("_atom_site.label_comp_id") or column("_atom_site.auth_comp_id")
+    if not chain or not num or not comp:
+        return None
+    icode = column("_atom_site.pdbx_PDB_ins_code") or ["?"] * len(chain)
+    model = column("_atom_site.pdbx_PDB_model_num")
+    first = model[0] if model else None
+    out: dict[_ResKey, bool] = {}
+    last = None
+    for i in range(len(chain)):
+        if model and model[i] != first:
+            continue
+        key = (chain[i], num[i], icode[i], comp[i])
+        if key == last:
+            continue  # atoms of the residue just seen
+        last = key
+        try:
+            rkey = (chain[i], int(num[i]), "" if icode[i] in ("?", ".") else icode[i], comp[i])
+        except ValueError:
+            continue
+        if use_types:
+            poly = types.get(ent[i], "").strip("'\"").lower() == "polymer"
+        else:
+            poly = seq[i] not in ("?", ".")
+        out[rkey] = out.get(rkey, False) or poly
+    return out
+
+
 def _gemmi_records(data: bytes | str, chains: set[str] | None) -> dict[str, list[_Record]]:
     import gemmi
 
@@ -235,19 +290,33 @@ def _gemmi_records(data: bytes | str, chains: set[str] | None) -> dict[str, list
         raise StructureError(f"unparseable mmCIF ({type(e).__name__}: {e})") from e
     if len(st) == 0:
         raise StructureError("unparseable mmCIF (no atoms / no model)")
+    block = doc[0]
+
+    def column(tag: str) -> list[str] | None:
+        values = block.find_values(tag)
+        return list(values) if values is not None and len(values) else None
+
+    index = polymer_index(column)
     out: dict[str, list[_Record]] = {}
     f32 = np.float32
     for ch in st[0]:  # gemmi may split one author chain into parts: concatenate in file order
         if chains is not None and ch.name not in chains:
             continue
-        out.setdefault(ch.name, []).extend(_gemmi_chain_records(ch, f32))
+        out.setdefault(ch.name, []).extend(_gemmi_chain_records(ch, f32, index))
     return out
 
 
-def _gemmi_chain_records(chain, f32=np.float32) -> list[_Record]:
+def _gemmi_chain_records(
+    chain, f32=np.float32, index: dict[_ResKey, bool] | None = None
+) -> list[_Record]:
     """Records of the residues of one gemmi chain that have a CA (the others never count)."""
     recs: list[_Record] = []
     for res in chain:
+        polymer = None
+        if index is not None:
+            polymer = index.get((chain.name, res.seqid.num, res.seqid.icode.strip(), res.name))
+            if not polymer:
+                continue  # ligand, water, ion sharing the author chain: never part of it
         ca = res.find_atom("CA", "*")
         if ca is None:
             continue  # water, ions, ligands, residues without CA: never selected
@@ -272,7 +341,7 @@ def _gemmi_chain_records(chain, f32=np.float32) -> list[_Record]:
             res.find_atom("N", "*") is not None and res.find_atom("C", "*") is not None
         )
         seqid = res.seqid
-        recs.append((name, seqid.num, seqid.icode.strip(), has_nc, cas))
+        recs.append((name, seqid.num, seqid.icode.strip(), has_nc, cas, polymer))
     return recs
 
 
@@ -281,14 +350,20 @@ def _biopython_records(data: bytes | str, chains: set[str] | None) -> dict[str, 
 
     from Bio.PDB.MMCIFParser import MMCIFParser
 
+    parser = MMCIFParser(QUIET=True, PERMISSIVE=True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            st = MMCIFParser(QUIET=True, PERMISSIVE=True).get_structure(
-                "x", io.StringIO(_decode(data))
-            )
+            st = parser.get_structure("x", io.StringIO(_decode(data)))
     except Exception as e:  # Biopython raises many kinds for malformed input
         raise StructureError(f"unparseable mmCIF ({type(e).__name__}: {e})") from e
+    mmcif = parser._mmcif_dict  # the parsed categories (Biopython keeps them on the parser)
+
+    def column(tag: str) -> list[str] | None:
+        values = mmcif.get(tag)
+        return list(values) if values else None
+
+    index = polymer_index(column)
     models = list(st)
     if not models:
         raise StructureError("unparseable mmCIF (no atoms / no model)")
@@ -303,9 +378,14 @@ def _biopython_records(data: bytes | str, chains: set[str] | None) -> dict[str, 
             variants = residue.disordered_get_list() if residue.is_disordered() == 2 else [residue]
             for res in variants:
                 name = res.get_resname()
-                if name in WATER:
-                    continue
                 _, num, icode = res.id
+                polymer = None
+                if index is not None:
+                    polymer = index.get((ch.id, int(num), icode.strip(), name))
+                    if not polymer:
+                        continue  # ligand, water, ion sharing the author chain
+                elif name in WATER:
+                    continue
                 cas = []
                 has_n = has_c = False
                 for a in res.get_unpacked_list():
@@ -327,7 +407,7 @@ def _biopython_records(data: bytes | str, chains: set[str] | None) -> dict[str, 
                     elif an == "C":
                         has_c = True
                 if cas:  # residues without a CA are never selected (as in the gemmi reader)
-                    recs.append((name, int(num), icode.strip(), has_n and has_c, cas))
+                    recs.append((name, int(num), icode.strip(), has_n and has_c, cas, polymer))
     return out
 
 
@@ -352,7 +432,9 @@ def select_residues(
     """Apply the selection rule to one chain's records.
 
     Returns ``([(residue name, CA xyz Å), ...], reason)`` with ``reason`` set when the chain
-    must be quarantined (non-standard residue).
+    must be quarantined (non-standard residue). Records flagged non-polymer are skipped; a
+    polymer residue with a CA that is not one of the 20 quarantines; records without polymer
+    information (None) follow the legacy name rule (module docstring).
     """
     out: list[tuple[str, tuple[float, float, float]]] = []
     n = len(records)
@@ -368,12 +450,15 @@ def select_residues(
             if flat:
                 rec = records[flat[_pick_ca([c for c, _ in flat])][1]]
         i = j
-        name, _, _, has_nc, cas = rec
+        name, _, _, has_nc, cas = rec[:5]
+        polymer = rec[5] if len(rec) > 5 else None
+        if polymer is False:
+            continue
         if name in RESIDUE_INDEX:
             if cas:
                 c = cas[0] if len(cas) == 1 else cas[_pick_ca(cas)]
                 out.append((name, (c[2], c[3], c[4])))
-        elif has_nc and cas:
+        elif cas and (polymer or has_nc):
             return out, f"non-standard residue {name}"
     return out, None
 
