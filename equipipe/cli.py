@@ -164,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dataset", help=f"one of {', '.join(DATASETS)}")
     s.add_argument("--out", required=True, help="output folder (resources/<dataset>/embedded)")
     s.add_argument(
-        "--cfg", default="{}", help="dataset config slice as JSON (the `embedded` block)"
+        "--cfg",
+        default="{}",
+        help="the dataset's config block as JSON (equipipe.data.dataset_block)",
     )
     s.set_defaults(fn=cmd_build_embedded)
 
@@ -178,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="e.g. spice-2.0.1, spice-1.1.4, maceoff23, wwpdb, geom-rdkit",
     )
     s.add_argument("--out", required=True)
-    s.add_argument("--cfg", default="{}")
+    s.add_argument("--cfg", default="{}", help="the dataset's config block as JSON")
     s.set_defaults(fn=cmd_download)
 
     s = sub.add_parser(
@@ -187,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dataset")
     s.add_argument("--raw", required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--cfg", default="{}")
+    s.add_argument("--cfg", default="{}", help="the dataset's config block as JSON")
     s.set_defaults(fn=cmd_preprocess)
 
     s = sub.add_parser("split", help="molecule/cluster-level train/val/test split")

@@ -5,6 +5,7 @@ import json
 from snakemake.utils import validate
 
 from equipipe import config as eqcfg
+from equipipe.data.dataset_block import step_block
 
 validate(config, "../workflow/schemas/config.schema.yaml")
 eqcfg.check_config(config)
@@ -42,16 +43,23 @@ def dataset_cfg(dataset, block):
     )
 
 
-def download_cfg(dataset):
-    ds = config["datasets"].get(dataset, {})
+def step_cfg(dataset, step):
+    """The validated dataset block a data step receives (equipipe.data.dataset_block)."""
     return json.dumps(
-        {**ds.get("download", {}), "download_dir": ds.get("download_dir")},
-        sort_keys=True,
+        step_block(config["datasets"].get(dataset, {}), step, dataset), sort_keys=True
     )
 
 
+def embedded_cfg(dataset):
+    return step_cfg(dataset, "build_embedded")
+
+
+def download_cfg(dataset):
+    return step_cfg(dataset, "download")
+
+
 def preprocess_cfg(wildcards):
-    return dataset_cfg(wildcards.dataset, "preprocess")
+    return step_cfg(wildcards.dataset, "preprocess")
 
 
 def split_cfg(wildcards):

@@ -12,7 +12,7 @@ rule build_embedded_geom:
         "../envs/data.yaml"
     threads: 2
     params:
-        cfg=dataset_cfg("geom", "embedded"),
+        cfg=embedded_cfg("geom"),
     shell:
         "equipipe build-embedded geom --out {output} --cfg {params.cfg:q} 2> {log}"
 

@@ -12,7 +12,7 @@ rule build_embedded_pdb:
         "../envs/data.yaml"
     threads: 2
     params:
-        cfg=dataset_cfg("pdb", "embedded"),
+        cfg=embedded_cfg("pdb"),
     shell:
         "equipipe build-embedded pdb --out {output} --cfg {params.cfg:q} 2> {log}"
 

@@ -12,7 +12,7 @@ rule build_embedded_spice:
         "../envs/data.yaml"
     threads: 2
     params:
-        cfg=dataset_cfg("spice", "embedded"),
+        cfg=embedded_cfg("spice"),
     shell:
         "equipipe build-embedded spice --out {output} --cfg {params.cfg:q} 2> {log}"
 

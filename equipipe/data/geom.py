@@ -79,6 +79,7 @@ from typing import Any
 import numpy as np
 
 from equipipe.data import safe_pickle
+from equipipe.data.dataset_block import options
 from equipipe.data.download import file_digest, use_local_copy
 
 log = logging.getLogger(__name__)
@@ -215,7 +216,7 @@ def download(source: str, out_dir: Path, cfg: dict | None = None) -> None:
     """
     from equipipe.data.download import DownloadError, RemoteFile, dataverse_files, fetch
 
-    cfg = _config({**(cfg or {}), "source": source})
+    cfg = _config({**options(cfg, "download"), "source": source})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     source = cfg["source"]
@@ -377,7 +378,7 @@ def build_embedded(out_dir: Path, cfg: dict | None = None) -> None:
     """
     from equipipe.data.embedded import GEOM_ELEMENTS, draw_until, item_seed, smiles_pool
 
-    cfg = _config(cfg)
+    cfg = _config(options(cfg, "embedded"))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     n, seed = int(cfg["n_molecules"]), int(cfg["seed"])
@@ -723,7 +724,8 @@ def preprocess(raw_dir: Path, store_dir: Path, cfg: dict | None = None) -> None:
 
     from equipipe.store import StoreWriter, TooManyBadRecords
 
-    cfg = _config(cfg)
+    # the download section carries the trust options (allow_unverified_pickles, midi_sha256)
+    cfg = _config(options(cfg, "download", "preprocess"))
     source = cfg["source"]
     raw_dir, store_dir = Path(raw_dir), Path(store_dir)
     if source == "midi" and cfg["conformer_order"] == "lowest_energy":

@@ -86,6 +86,8 @@ from typing import Any
 
 import numpy as np
 
+from equipipe.data.dataset_block import options
+
 log = logging.getLogger(__name__)
 
 SOURCES: dict[str, dict[str, Any]] = {
@@ -676,6 +678,7 @@ def download(source: str, out_dir: Path, cfg: dict[str, Any]) -> None:
 
     from equipipe.data.download import DownloadError, fetch, fetch_many, verify_gzip
 
+    cfg = options(cfg, "preprocess", "download")  # the metadata filters are preprocess keys
     if source == "embedded":
         return build_embedded(out_dir, cfg)
     if source != "remote":
@@ -895,7 +898,7 @@ def build_embedded(out_dir: Path, cfg: dict[str, Any]) -> None:
     """
     import polars as pl
 
-    cfg = config(cfg)
+    cfg = config(options(cfg, "embedded"))
     out_dir = Path(out_dir)
     data_dir = mdanalysistests_data_dir()
     files = sorted(
@@ -985,7 +988,7 @@ def preprocess(raw_dir: Path, store_dir: Path, cfg: dict[str, Any]) -> None:
     from equipipe.data.clustering import cluster_sequences, mmseqs_available
     from equipipe.store import StoreWriter
 
-    cfg = config(cfg)
+    cfg = config(options(cfg, "preprocess"))
     raw_dir = Path(raw_dir)
     manifest = read_manifest(raw_dir)
     rows = manifest.to_dicts()

@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from equipipe.data.dataset_block import options
 from equipipe.data.embedded import (
     BOHR_ANGSTROM,
     HARTREE_EV,
@@ -173,7 +174,7 @@ def download(source: str, out_dir: Path, cfg: dict | None = None) -> None:
         zenodo_file,
     )
 
-    cfg = _config({**(cfg or {}), "source": source})
+    cfg = _config({**options(cfg, "download"), "source": source})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = SOURCES[source]
@@ -259,7 +260,7 @@ def build_embedded(out_dir: Path, cfg: dict | None = None) -> None:
     import h5py
     import rdkit
 
-    cfg = _config(cfg)
+    cfg = _config(options(cfg, "embedded"))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     n, m, seed = int(cfg["n_molecules"]), int(cfg["conformers"]), int(cfg["seed"])
@@ -680,7 +681,7 @@ def preprocess(raw_dir: Path, store_dir: Path, cfg: dict | None = None) -> None:
 
     from equipipe.store import StoreWriter, TooManyBadRecords
 
-    cfg = _config(cfg)
+    cfg = _config(options(cfg, "preprocess"))
     raw_dir, store_dir = Path(raw_dir), Path(store_dir)
     files = _source_files(raw_dir, cfg["source"])
     vocab = _z_of(cfg["elements"])
