@@ -42,6 +42,9 @@ class Fault:
     - ``corrupt``: flip bits in the body (same length, wrong checksum).
     - ``ignore_range``: answer a Range request with 200 and the whole file.
     - ``delay_s``: sleep before answering (for timeout tests).
+    - ``headers``: extra response headers of a ``status`` answer (e.g. ``Retry-After``).
+    - ``html_page``: answer 200 with an HTML error page (``text/html``), as portals do during
+      maintenance or behind a login wall, instead of the file.
     """
 
     status: int | None = None
@@ -50,7 +53,15 @@ class Fault:
     corrupt: bool = False
     ignore_range: bool = False
     delay_s: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
+    html_page: bool = False
     times: int | None = 1
+
+
+HTML_ERROR_PAGE = (
+    b"<!DOCTYPE html>\n<html><head><title>Service unavailable</title></head>\n"
+    b"<body><h1>We are down for maintenance</h1><p>Please try again later.</p></body></html>\n"
+)
 
 
 @dataclass
@@ -68,6 +79,7 @@ class _Resource:
     faults: list[Fault] = field(default_factory=list)
     redirect: str | None = None
     redirect_status: int = 302
+    headers: dict[str, str] = field(default_factory=dict)
     hits: int = 0
 
 
@@ -110,9 +122,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.log.append(rec)
         return rec
 
-    def _send_simple(self, rec: RequestRecord, status: int, body: bytes, ctype="text/plain"):
+    def _send_simple(
+        self, rec: RequestRecord, status: int, body: bytes, ctype="text/plain", headers=None
+    ):
         rec.status = status
         self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Connection", "close")
@@ -146,7 +162,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         if fault is not None and fault.status is not None:
-            return self._send_simple(rec, fault.status, f"injected {fault.status}\n".encode())
+            body = f"injected {fault.status}\n".encode()
+            return self._send_simple(rec, fault.status, body, headers=fault.headers)
+        if fault is not None and fault.html_page:
+            return self._send_simple(rec, 200, HTML_ERROR_PAGE, "text/html; charset=utf-8")
 
         body = _corrupted(res.body) if fault is not None and fault.corrupt else res.body
         total = len(body)
@@ -175,6 +194,8 @@ class _Handler(BaseHTTPRequestHandler):
         rec.status = status
         self.send_response(status)
         self.send_header("Content-Type", res.content_type)
+        for k, v in res.headers.items():
+            self.send_header(k, v)
         self.send_header("Content-Length", str(end - start + 1))
         self.send_header("Accept-Ranges", "bytes")
         if status == 206:
@@ -252,19 +273,37 @@ class LoopbackServer:
     def url(self, path: str) -> str:
         return self.base_url + (path if path.startswith("/") else "/" + path)
 
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def other_host_url(self, path: str) -> str:
+        """``url(path)`` under the host name ``localhost`` instead of ``127.0.0.1``.
+
+        The same server, reached under another host name: what a repository's redirect of
+        file content to its storage host looks like on loopback.
+        """
+        scheme = self.base_url.split("://", 1)[0]
+        return f"{scheme}://localhost:{self.port}" + (path if path.startswith("/") else "/" + path)
+
     def add(
         self,
         path: str,
         body: bytes,
         *faults: Fault,
         content_type: str = "application/octet-stream",
+        headers: dict[str, str] | None = None,
     ) -> str:
-        """Serve ``body`` at ``path`` (may include a query string); return its URL."""
+        """Serve ``body`` at ``path`` (may include a query string); return its URL.
+
+        ``headers`` are sent with every answer (e.g. ``Content-Encoding: gzip`` for a ``.gz``
+        served as many file servers do: the body is the gzip file itself).
+        """
         if not path.startswith("/"):
             path = "/" + path
         with self._server.lock:
             self._server.resources[urllib.parse.unquote(path)] = _Resource(
-                bytes(body), content_type, list(faults)
+                bytes(body), content_type, list(faults), headers=dict(headers or {})
             )
         return self.url(path)
 

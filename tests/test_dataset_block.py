@@ -15,7 +15,14 @@ FIX = Path(__file__).parent / "fixtures" / "spice"
 BLOCK = {
     "source": "maceoff23",
     "download_dir": "/data/maceoff",
-    "download": {"workers": 1, "apollo_base": "http://127.0.0.1:1"},
+    "download": {
+        "workers": 1,
+        "apollo_base": "http://127.0.0.1:1",
+        "expected": {
+            "train_large_neut_no_bad_clean.xyz": {"frames": 4},
+            "test_large_neut_all.xyz": {"frames": 4},
+        },
+    },
     "embedded": {"workers": 2, "seed": 3},
     "preprocess": {"workers": 4, "max_bad_fraction": 0.3},
     "split": {"fractions": {"train": 1.0}, "seed": 0},
@@ -39,7 +46,9 @@ def test_step_block_keeps_what_the_step_reads():
 def test_options_flatten_in_order_and_flat_dicts_pass_through():
     flat = db.options(BLOCK, "download", "preprocess")
     assert flat["source"] == "maceoff23" and flat["download_dir"] == "/data/maceoff"
-    assert flat["workers"] == 4 and "seed" not in flat  # the step's own section wins
+    assert (
+        flat["workers"] == 4 and "seed" not in flat and "expected" in flat
+    )  # the step's own section wins
     assert db.options(BLOCK, "embedded")["workers"] == 2
     assert db.options({"source": "x", "workers": 7}, "preprocess") == {"source": "x", "workers": 7}
 

@@ -202,13 +202,32 @@ def test_preprocess_maceoff_two_files(tmp_path):
     raw.mkdir()
     shutil.copy(FIX / "maceoff_small.xyz", raw / "train_large_neut_no_bad_clean.xyz")
     shutil.copy(FIX / "maceoff_small.xyz", raw / "test_large_neut_all.xyz")
-    spice.preprocess(raw, tmp_path / "store", {"source": "maceoff23", "max_bad_fraction": 0.3})
+    frames = {
+        "train_large_neut_no_bad_clean.xyz": {"frames": 4},
+        "test_large_neut_all.xyz": {"frames": 4},
+    }
+    cfg = {"source": "maceoff23", "max_bad_fraction": 0.3, "expected": frames}
+    spice.preprocess(raw, tmp_path / "store", cfg)
     store = Store(tmp_path / "store")
     assert len(store) == 6
+    assert store.meta["release_pins"]["test_large_neut_all.xyz"]["pinned_by"] == "download.expected"
     assert sorted(set(store.index["source"])) == ["maceoff23/test", "maceoff23/train"]
     assert all(i.startswith(("train/", "test/")) for i in store.index["id"])
     q = store.quarantine
     assert q.height == 2 and all("single-atom" in r for r in q["reason"])
+
+
+def test_preprocess_refuses_a_file_with_other_frame_counts(tmp_path):
+    """A file cut at a frame boundary reads cleanly; the pinned frame count catches it."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    shutil.copy(FIX / "maceoff_small.xyz", raw / "train_large_neut_no_bad_clean.xyz")
+    shutil.copy(FIX / "maceoff_small.xyz", raw / "test_large_neut_all.xyz")
+    with pytest.raises(spice.CorruptFileError, match="holds 4 .* SOURCES pins 951005"):
+        spice.preprocess(raw, tmp_path / "store", {"source": "maceoff23"})
+    assert not (tmp_path / "store").exists()
+    with pytest.raises(ValueError, match="allowed"):
+        spice.preprocess(raw, tmp_path / "s", {"source": "maceoff23", "expected": {"x.xyz": {}}})
 
 
 # ----------------------------------------------------------------------------- quarantine
@@ -315,17 +334,19 @@ def _zenodo(http_server, body: bytes, md5: str | None = None) -> str:
     return http_server.url("/api")
 
 
-def test_download_zenodo_then_preprocess(http_server, tmp_path, monkeypatch):
+def _pin(body: bytes) -> dict:
+    return {"expected": {"SPICE-1.1.4.hdf5": {"md5": hashlib.md5(body).hexdigest()}}}
+
+
+def test_download_zenodo_then_preprocess(http_server, tmp_path):
     src = tmp_path / "src.hdf5"
     _bad_file(src, n_good=20)
     body = src.read_bytes()
-    md5 = hashlib.md5(body).hexdigest()
-    monkeypatch.setitem(spice.SOURCES["spice-1.1.4"]["files"]["SPICE-1.1.4.hdf5"], "md5", md5)
     api = _zenodo(http_server, body)
     path = "/api/records/8222043/files/SPICE-1.1.4.hdf5/content"
     http_server.set_faults(path, Fault(drop_after=len(body) // 3, times=1))
     out = tmp_path / "raw"
-    spice.download("spice-1.1.4", out, {"zenodo_api": api})
+    spice.download("spice-1.1.4", out, {"zenodo_api": api, **_pin(body)})
     assert (out / "SPICE-1.1.4.hdf5").read_bytes() == body
     assert http_server.requests_for(path)[-1].headers.get("Range", "").startswith("bytes=")
     spice.preprocess(out, tmp_path / "store", {"source": "spice-1.1.4", "max_bad_fraction": 0.2})
@@ -340,19 +361,14 @@ def test_download_refuses_changed_zenodo_record(http_server, tmp_path):
     assert not (tmp_path / "raw" / "SPICE-1.1.4.hdf5").exists()
 
 
-def test_download_corrupt_body_leaves_nothing(http_server, tmp_path, monkeypatch):
+def test_download_corrupt_body_leaves_nothing(http_server, tmp_path):
     body = b"x" * 5000
-    monkeypatch.setitem(
-        spice.SOURCES["spice-1.1.4"]["files"]["SPICE-1.1.4.hdf5"],
-        "md5",
-        hashlib.md5(body).hexdigest(),
-    )
     api = _zenodo(http_server, body)
     http_server.set_faults(
         "/api/records/8222043/files/SPICE-1.1.4.hdf5/content", Fault(corrupt=True, times=None)
     )
     with pytest.raises(DownloadError):
-        spice.download("spice-1.1.4", tmp_path / "raw", {"zenodo_api": api})
+        spice.download("spice-1.1.4", tmp_path / "raw", {"zenodo_api": api, **_pin(body)})
     assert not (tmp_path / "raw" / "SPICE-1.1.4.hdf5").exists()
 
 
@@ -366,19 +382,16 @@ def test_download_maceoff_bitstreams(http_server, tmp_path):
         assert (tmp_path / "raw" / name).read_bytes() == body
 
 
-def test_download_dir_is_used_when_it_verifies(http_server, tmp_path, monkeypatch):
+def test_download_dir_is_used_when_it_verifies(http_server, tmp_path):
     local = tmp_path / "mirror"
     local.mkdir()
     body = b"pretend SPICE bytes"
     (local / "SPICE-1.1.4.hdf5").write_bytes(body)
-    facts = spice.SOURCES["spice-1.1.4"]["files"]["SPICE-1.1.4.hdf5"]
-    monkeypatch.setitem(facts, "md5", hashlib.md5(body).hexdigest())
-    cfg = {"download_dir": str(local), "zenodo_api": http_server.url("/api")}
+    cfg = {"download_dir": str(local), "zenodo_api": http_server.url("/api"), **_pin(body)}
     spice.download("spice-1.1.4", tmp_path / "raw", cfg)
     assert (tmp_path / "raw" / "SPICE-1.1.4.hdf5").read_bytes() == body
     assert http_server.requests == []
     # a copy that does not verify is ignored and the file is downloaded
-    monkeypatch.setitem(facts, "md5", hashlib.md5(b"other").hexdigest())
     api = _zenodo(http_server, b"other")
-    spice.download("spice-1.1.4", tmp_path / "raw2", {**cfg, "zenodo_api": api})
+    spice.download("spice-1.1.4", tmp_path / "raw2", {**cfg, "zenodo_api": api, **_pin(b"other")})
     assert (tmp_path / "raw2" / "SPICE-1.1.4.hdf5").read_bytes() == b"other"

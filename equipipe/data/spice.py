@@ -20,6 +20,8 @@ Config keys (``DEFAULTS``):
 - ``download_dir``: an existing folder already holding the source file(s); used instead of
   downloading when every file verifies (linked, not copied). Default None.
 - ``zenodo_api`` / ``apollo_base``: repository endpoints (overridable for mirrors and tests).
+- ``expected``: ``{file name: {size, md5, sha256, frames}}`` pins that override the release
+  facts in ``SOURCES`` (a new release, a mirror's miniature copy); recorded in the store.
 - ``n_molecules`` (120), ``conformers`` (8), ``seed`` (0), ``workers`` (2), ``min_heavy`` (8),
   ``max_heavy`` (40), ``thermal_sigma`` (0.03 Å), ``prune_rms`` (0.5 Å): the embedded build.
 - ``elements``: the element vocabulary (symbols); others are quarantined.
@@ -117,6 +119,7 @@ DEFAULTS: dict[str, Any] = {
     "download_dir": None,
     "zenodo_api": "https://zenodo.org/api",
     "apollo_base": APOLLO_BASE,
+    "expected": {},
     "n_molecules": 120,
     "conformers": 8,
     "seed": 0,
@@ -146,6 +149,39 @@ def _config(cfg: dict | None) -> dict[str, Any]:
             f"spice config key 'source' is {cfg['source']!r}; allowed values: {sorted(SOURCES)}"
         )
     return cfg
+
+
+PIN_KEYS = ("size", "md5", "sha256", "frames")
+
+
+def pins(source: str, cfg: dict) -> dict[str, dict[str, Any]]:
+    """File name -> release facts of ``source``, overridden by ``cfg['expected']``.
+
+    Each entry holds ``size``, ``md5``, ``sha256`` and ``frames`` (None where unknown) and
+    ``pinned_by``: ``"SOURCES"`` or ``"download.expected"``.
+    """
+    files = SOURCES[source]["files"]
+    expected = cfg.get("expected") or {}
+    unknown = sorted(set(expected) - set(files))
+    if unknown:
+        raise ValueError(
+            f"spice download.expected names {unknown}, not files of source {source!r}; "
+            f"allowed: {sorted(files)}"
+        )
+    out = {}
+    for name, facts in files.items():
+        override = expected.get(name) or {}
+        bad = sorted(set(override) - set(PIN_KEYS))
+        if bad:
+            raise ValueError(
+                f"spice download.expected.{name} has unknown key(s) {bad}; allowed: {PIN_KEYS}"
+            )
+        out[name] = {
+            **{k: facts.get(k) for k in PIN_KEYS},
+            **override,
+            "pinned_by": "download.expected" if override else "SOURCES",
+        }
+    return out
 
 
 def _z_of(symbols) -> set[int]:
@@ -181,33 +217,38 @@ def download(source: str, out_dir: Path, cfg: dict | None = None) -> None:
     if spec["kind"] == "embedded":
         build_embedded(out_dir, cfg)
         return
-    for name, facts in spec["files"].items():
+    for name, facts in pins(source, cfg).items():
         if cfg.get("download_dir") and use_local_copy(
             Path(cfg["download_dir"]) / name,
             out_dir / name,
-            size=facts.get("size"),
-            md5=facts.get("md5"),
+            size=facts["size"],
+            md5=facts["md5"],
+            sha256=facts["sha256"],
         ):
             continue
         if spec["kind"] == "zenodo":
             remote = zenodo_file(spec["record"], name, api=cfg["zenodo_api"])
-            pinned = facts.get("md5")
+            pinned = facts["md5"]
             if pinned and remote.md5 and remote.md5 != pinned:
                 raise DownloadError(
                     f"Zenodo record {spec['record']} lists md5 {remote.md5} for {name}, but "
-                    f"equipipe pins {pinned} (DATA.md): the record changed; check it and update "
-                    "SOURCES in equipipe/data/spice.py",
+                    f"{facts['pinned_by']} pins {pinned}: the record changed; check it and "
+                    "update the pin (download.expected, or SOURCES in equipipe/data/spice.py)",
                     url=remote.url,
                 )
-            if facts.get("size") and remote.size and remote.size != facts["size"]:
+            if facts["size"] and remote.size and remote.size != facts["size"]:
                 raise DownloadError(
-                    f"Zenodo lists {remote.size} bytes for {name}, equipipe pins {facts['size']}",
+                    f"Zenodo lists {remote.size} bytes for {name}, {facts['pinned_by']} pins "
+                    f"{facts['size']}",
                     url=remote.url,
                 )
-            fetch(remote, out_dir / name, md5=remote.md5 or pinned)
+            fetch(remote, out_dir / name, md5=remote.md5 or pinned, sha256=facts["sha256"])
         else:
-            url = f"{cfg['apollo_base'].rstrip('/')}/{facts['bitstream']}/download"
-            fetch(RemoteFile(url, size=facts.get("size"), name=name), out_dir / name)
+            url = f"{cfg['apollo_base'].rstrip('/')}/{SOURCES[source]['files'][name]['bitstream']}/download"
+            remote = RemoteFile(
+                url, size=facts["size"], md5=facts["md5"], sha256=facts["sha256"], name=name
+            )
+            fetch(remote, out_dir / name)
 
 
 # ----------------------------------------------------------------------------- embedded build
@@ -644,7 +685,7 @@ def _allowed_table(vocabulary: frozenset[int]) -> np.ndarray:
 # ----------------------------------------------------------------------------- preprocess
 
 
-def _source_files(raw_dir: Path, source: str) -> list[tuple[Path, str]]:
+def _source_files(raw_dir: Path, source: str, pinned: dict) -> list[tuple[Path, str]]:
     spec = SOURCES[source]
     out, missing = [], []
     for name, facts in spec["files"].items():
@@ -652,11 +693,11 @@ def _source_files(raw_dir: Path, source: str) -> list[tuple[Path, str]]:
         if not p.is_file():
             missing.append(name)
             continue
-        size = facts.get("size")
+        size = pinned[name]["size"]
         if size is not None and p.stat().st_size != size:
             raise CorruptFileError(
-                f"{p} has {p.stat().st_size} bytes, the release has {size}: truncated or wrong "
-                "file - delete it and download it again"
+                f"{p} has {p.stat().st_size} bytes, {pinned[name]['pinned_by']} pins {size}: "
+                "truncated or wrong file - delete it and download it again"
             )
         label = f"{source}/{facts['split']}" if "split" in facts else source
         out.append((p, label))
@@ -681,9 +722,11 @@ def preprocess(raw_dir: Path, store_dir: Path, cfg: dict | None = None) -> None:
 
     from equipipe.store import StoreWriter, TooManyBadRecords
 
-    cfg = _config(options(cfg, "preprocess"))
+    # the download section carries the release pins (download.expected)
+    cfg = _config(options(cfg, "download", "preprocess"))
     raw_dir, store_dir = Path(raw_dir), Path(store_dir)
-    files = _source_files(raw_dir, cfg["source"])
+    pinned = pins(cfg["source"], cfg)
+    files = _source_files(raw_dir, cfg["source"], pinned)
     vocab = _z_of(cfg["elements"])
     limit = float(cfg["max_gradient"])
     multi = len(files) > 1
@@ -695,6 +738,7 @@ def preprocess(raw_dir: Path, store_dir: Path, cfg: dict | None = None) -> None:
         "energy": "total energy",
         "elements": list(cfg["elements"]),
         "max_gradient_hartree_per_bohr": limit,
+        "release_pins": {p.name: pinned[p.name] for p, _ in files},
     }
     for p, _ in files:
         if p.suffix.lower() in (".hdf5", ".h5"):
@@ -711,7 +755,9 @@ def preprocess(raw_dir: Path, store_dir: Path, cfg: dict | None = None) -> None:
             for path, label in files:
                 prefix = f"{label.rsplit('/', 1)[-1]}/" if multi else ""
                 bar = tqdm(read_records(path, label), desc=f"preprocess {path.name}", unit="conf")
+                frames = 0
                 for rec in bar:
+                    frames += 1
                     rid = prefix + rec["id"]
                     fields = {"subset": rec["subset"], "source": rec["source"]}
                     reason = check_record(rec, vocab, limit)
@@ -725,6 +771,12 @@ def preprocess(raw_dir: Path, store_dir: Path, cfg: dict | None = None) -> None:
                         "energy": np.float64(rec["energy"]),
                     }
                     writer.add(rid, rec["key"], arrays, **fields)
+                want = pinned[path.name]["frames"]
+                if want is not None and frames != want:
+                    raise CorruptFileError(
+                        f"{path} holds {frames} conformers/frames, {pinned[path.name]['pinned_by']} "
+                        f"pins {want}: incomplete or wrong file - delete it and download it again"
+                    )
     except TooManyBadRecords:
         raise  # keeps <store>.partial/quarantine.parquet for inspection (named in the message)
     except BaseException:
