@@ -7,6 +7,7 @@ rdkit): the paper grid plans in well under 5 s.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -48,12 +49,143 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def validate_schema(cfg: dict) -> dict:
-    """Validate against the JSON schema, filling defaults (as snakemake.utils.validate does)."""
+# --- the schema: one place for every key, its type and its default ---------------------------
+
+# Blocks whose allowed keys depend on a name (dataset, task kind, model, analysis kind, figure
+# kind). Each is a ``$defs`` entry ``"<kind>:<name>"`` of the schema (figure styles: built from
+# ``figure_style_keys`` and ``figure_style_kinds``).
+BLOCK_KINDS = (
+    "download",
+    "embedded",
+    "preprocess",
+    "task_cfg",
+    "model_overrides",
+    "analysis",
+    "figure_style",
+    "resources",
+)
+
+
+@functools.cache
+def _schema() -> dict:
+    return yaml.safe_load(SCHEMA.read_text())
+
+
+def schema() -> dict:
+    """The config schema (a fresh copy: callers may fill defaults into what it returns)."""
+    return copy.deepcopy(_schema())
+
+
+def figure_kinds() -> tuple[str, ...]:
+    """The figure kinds the schema knows (a test checks them against ``equipipe.figures.KINDS``)."""
+    return tuple(_schema()["$defs"]["figure_style_kinds"])
+
+
+def block_names(kind: str) -> tuple[str, ...]:
+    """The names a block kind is defined for, e.g. ``block_names("preprocess")`` -> datasets."""
+    if kind == "figure_style":
+        return figure_kinds()
+    if kind == "resources":
+        return ("train",)
+    return tuple(k.split(":", 1)[1] for k in _schema()["$defs"] if k.startswith(kind + ":"))
+
+
+def block_schema(kind: str, name: str) -> dict:
+    """The JSON schema of one free-form block, e.g. ``block_schema("task_cfg", "forcefield")``.
+
+    Raises ConfigError (naming the allowed names) for an unknown kind or name.
+    """
+    if kind not in BLOCK_KINDS:
+        raise ConfigError(f"unknown config block kind {kind!r}; allowed: {', '.join(BLOCK_KINDS)}")
+    defs = _schema()["$defs"]
+    if kind == "resources":
+        return copy.deepcopy(defs["resources"])
+    if kind == "figure_style":
+        kinds = defs["figure_style_kinds"]
+        if name not in kinds:
+            raise ConfigError(f"unknown figure kind {name!r}; allowed: {', '.join(kinds)}")
+        types = defs["figure_style_keys"]["properties"]
+        return {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {k: copy.deepcopy(types[k]) for k in kinds[name]},
+        }
+    key = f"{kind}:{name}"
+    if key not in defs:
+        raise ConfigError(
+            f"no {kind} options for {name!r}; allowed: {', '.join(block_names(kind))}"
+        )
+    return copy.deepcopy(defs[key])
+
+
+def defaults(kind: str, name: str) -> dict[str, Any]:
+    """Default values of one free-form block, read from the schema (the only place they live).
+
+    ``defaults("preprocess", "spice")``, ``defaults("download", "pdb")``,
+    ``defaults("embedded", "geom")``, ``defaults("task_cfg", "forcefield")``,
+    ``defaults("model_overrides", "escaip")`` (``{}``: the model's size presets hold its
+    values), ``defaults("analysis", "landscape")``, ``defaults("resources", "train")``.
+    Keys without a default (optional overrides) are absent. Returns a fresh dict.
+    """
+    props = block_schema(kind, name).get("properties", {})
+    return {k: copy.deepcopy(v["default"]) for k, v in props.items() if "default" in v}
+
+
+def allowed_keys(kind: str, name: str) -> list[str]:
+    """Keys a config may set in one block (internal keys, set by the workflow, excluded)."""
+    props = block_schema(kind, name).get("properties", {})
+    return [k for k, v in props.items() if not v.get("x-internal")]
+
+
+def dataset_defaults(name: str) -> dict[str, Any]:
+    """Flat defaults of a dataset's download, embedded and preprocess blocks (+ download_dir).
+
+    For modules that read one flat dict; a key that two blocks share has one default.
+    """
+    out: dict[str, Any] = {"download_dir": None}
+    for kind in ("download", "embedded", "preprocess"):
+        out.update(defaults(kind, name))
+    return out
+
+
+def _message(e, where: str) -> str:
+    path = ".".join(p for p in [where, *[str(p) for p in e.absolute_path]] if p)
+    if e.validator == "additionalProperties" and isinstance(e.instance, dict):
+        props = e.schema.get("properties", {})
+        allowed = [k for k, v in props.items() if not v.get("x-internal")]
+        extra = [k for k in e.instance if k not in props or props[k].get("x-internal")]
+        key = ".".join(p for p in [path, str(extra[0]) if extra else ""] if p)
+        return (
+            f"config key {key} is not allowed here; allowed keys: "
+            f"{', '.join(allowed) if allowed else '(none)'}"
+        )
+    if e.validator == "enum":
+        return (
+            f"config key {path or '(top level)'}: {e.instance!r} is not allowed; "
+            f"allowed: {', '.join(map(str, e.validator_value))}"
+        )
+    if e.validator == "required":
+        return f"config key {path or '(top level)'}: {e.message}"
+    hint = ""
+    if e.validator == "type" and isinstance(e.instance, str):
+        hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if _looks_numeric(e.instance) else ""
+    return f"config key {path or '(top level)'}: {e.message}{hint}"
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _validator(schema_: dict, fill: bool):
     import jsonschema
 
-    schema = yaml.safe_load(SCHEMA.read_text())
-    validator_cls = jsonschema.validators.validator_for(schema)
+    validator_cls = jsonschema.validators.validator_for(schema_)
+    if not fill:
+        return validator_cls(schema_)
 
     def set_defaults(validator, properties, instance, schema):
         for prop, sub in properties.items():
@@ -61,13 +193,34 @@ def validate_schema(cfg: dict) -> dict:
                 instance.setdefault(prop, copy.deepcopy(sub["default"]))
         yield from validator_cls.VALIDATORS["properties"](validator, properties, instance, schema)
 
-    filling = jsonschema.validators.extend(validator_cls, {"properties": set_defaults})
-    errors = sorted(filling(schema).iter_errors(cfg), key=lambda e: list(e.absolute_path))
+    return jsonschema.validators.extend(validator_cls, {"properties": set_defaults})(schema_)
+
+
+def _raise_first(validator, instance, where: str = "") -> None:
+    errors = sorted(
+        validator.iter_errors(instance), key=lambda e: [str(p) for p in e.absolute_path]
+    )
     if errors:
-        e = errors[0]
-        where = ".".join(str(p) for p in e.absolute_path) or "(top level)"
-        raise ConfigError(f"config key {where}: {e.message}")
+        raise ConfigError(_message(errors[0], where))
+
+
+def validate_schema(cfg: dict) -> dict:
+    """Validate against the JSON schema, filling defaults (as snakemake.utils.validate does).
+
+    Errors name the key's full path and, for an unknown key, the allowed keys.
+    """
+    if not isinstance(cfg, dict):
+        raise ConfigError("the config must be a mapping with datasets, tasks and experiments")
+    _raise_first(_validator(schema(), fill=True), cfg)
     return cfg
+
+
+def validate_block(value: Any, kind: str, name: str, where: str, *, fill: bool = False) -> Any:
+    """Validate one free-form block (e.g. a task_cfg for its kind); errors name ``where.key``."""
+    sub = block_schema(kind, name)
+    sub["$defs"] = _schema()["$defs"]
+    _raise_first(_validator(sub, fill), value, where)
+    return value
 
 
 def check_config(cfg: dict) -> dict:
@@ -136,7 +289,184 @@ def check_config(cfg: dict) -> dict:
                 raise ConfigError(
                     f"analyses.{name}: experiment {e!r} is not configured; allowed: {', '.join(exps)}"
                 )
+    _check_dataset_blocks(cfg)
+    _check_task_blocks(cfg)
+    _check_analyses(cfg)
+    _check_figures(cfg)
     return cfg
+
+
+def _check_dataset_blocks(cfg: dict) -> None:
+    """Source-specific keys, subset sizes and split names of every dataset."""
+    for name, ds in cfg["datasets"].items():
+        for kind in ("download", "embedded", "preprocess"):
+            props = block_schema(kind, name).get("properties", {})
+            for key, value in (ds.get(kind) or {}).items():
+                only = props.get(key, {}).get("x-sources")
+                if only and ds["source"] not in only and value != props[key].get("default"):
+                    raise ConfigError(
+                        f"datasets.{name}.{kind}.{key}: applies only to source "
+                        f"{' | '.join(only)}, not {ds['source']!r}; remove it or change the source"
+                    )
+        if ds["source"] == "embedded" and ds.get("download_dir"):
+            raise ConfigError(
+                f"datasets.{name}.download_dir: the embedded source is built offline and reads "
+                "no release files; remove download_dir or choose a release as source"
+            )
+        for sub, s in ds["subsets"].items():
+            where = f"datasets.{name}.subsets.{sub}.size"
+            unit = s.get("unit", "fraction")
+            if unit == "fraction" and s["size"] > 1:
+                raise ConfigError(
+                    f"{where}: {s['size']} is a fraction above 1; write 0 < size <= 1, or give "
+                    "a count with unit: conformers | chains | molecules | examples"
+                )
+            if unit != "fraction" and float(s["size"]) != int(s["size"]):
+                raise ConfigError(
+                    f"{where}: a count of {unit} must be a whole number, got {s['size']}"
+                )
+
+
+def split_names(cfg: dict, dataset: str) -> list[str]:
+    """The splits a dataset's split step produces (fractions above 0, predefined targets)."""
+    sp = cfg["datasets"][dataset].get("split") or {}
+    names = [k for k, v in (sp.get("fractions") or {}).items() if v > 0]
+    names += [v for v in ((sp.get("predefined") or {}).get("values") or {}).values()]
+    return sorted(set(names), key=["train", "val", "test"].index)
+
+
+def _merged_task_cfg(cfg: dict, experiment: str) -> dict:
+    e = cfg["experiments"][experiment]
+    return deep_merge(cfg["tasks"][e["task"]].get("task_cfg") or {}, e.get("task_cfg") or {})
+
+
+def _check_task_cfg(cfg: dict, task: str, experiment: str | None) -> None:
+    """Validate one merged per-run task_cfg for its kind and model; errors name the key's origin."""
+    t = cfg["tasks"][task]
+    kind = task_kind(cfg, task)
+    e = cfg["experiments"][experiment] if experiment else {}
+    own = (e.get("task_cfg") or {}) if experiment else {}
+    merged = deep_merge(t.get("task_cfg") or {}, own)
+    model = e.get("model", t["model"])
+
+    def origin(key: str, sub: str | None = None) -> str:
+        block = own.get(sub) if sub else own
+        if experiment and isinstance(block, dict) and key in block:
+            return f"experiments.{experiment}.task_cfg"
+        return f"tasks.{task}.task_cfg"
+
+    allowed = allowed_keys("task_cfg", kind)
+    for key in merged:
+        if key not in allowed:
+            hint = (
+                " (set the model with tasks.<name>.model / experiments.<name>.model)"
+                if key == "model"
+                else ""
+            )
+            raise ConfigError(
+                f"config key {origin(key)}.{key} is not allowed for task kind {kind!r}{hint}; "
+                f"allowed keys: {', '.join(allowed)}"
+            )
+        validate_block({key: merged[key]}, "task_cfg", kind, origin(key))
+    overrides = merged.get("model_overrides") or {}
+    m_allowed = allowed_keys("model_overrides", model)
+    for key, value in overrides.items():
+        where = f"{origin(key, 'model_overrides')}.model_overrides"
+        if key not in m_allowed:
+            via = f" (merged into experiment {experiment!r})" if experiment else ""
+            raise ConfigError(
+                f"config key {where}.{key} is not a field of model {model!r}{via}; "
+                f"allowed keys: {', '.join(m_allowed)}"
+            )
+        validate_block({key: value}, "model_overrides", model, where)
+    if kind == "denoising":
+        pre = cfg["datasets"].get(t["dataset"], {}).get("preprocess") or {}
+        grid = {**defaults("preprocess", "geom"), **pre}
+        for key in ("grid_size", "grid_spacing"):
+            if key in merged and merged[key] != grid[key]:
+                raise ConfigError(
+                    f"{origin(key)}.{key}: {merged[key]} differs from "
+                    f"datasets.{t['dataset']}.preprocess.{key} = {grid[key]} (the max-radius "
+                    f"filter's grid); the task's grid is derived from the dataset's: remove "
+                    f"{key} from task_cfg and set it in datasets.{t['dataset']}.preprocess"
+                )
+
+
+def _check_task_blocks(cfg: dict) -> None:
+    used = set()
+    for name, e in cfg["experiments"].items():
+        _check_task_cfg(cfg, e["task"], name)
+        used.add(e["task"])
+        t = cfg["tasks"][e["task"]]
+        ev = deep_merge(t.get("eval") or {}, e.get("eval") or {})
+        split = ev.get("split", "val")
+        have = split_names(cfg, t["dataset"])
+        if split not in have:
+            src = (
+                "experiments." + name if "split" in (e.get("eval") or {}) else "tasks." + e["task"]
+            )
+            raise ConfigError(
+                f"{src}.eval.split: {split!r} is not a split of dataset {t['dataset']!r} "
+                f"(datasets.{t['dataset']}.split makes: {', '.join(have)}); allowed: {', '.join(have)}"
+            )
+    for task in cfg["tasks"]:
+        if task not in used:
+            _check_task_cfg(cfg, task, None)
+
+
+def _check_analyses(cfg: dict) -> None:
+    for name, a in (cfg.get("analyses") or {}).items():
+        kind = a["kind"]
+        where = f"analyses.{name}.spec"
+        allowed = allowed_keys("analysis", kind)
+        for key in a.get("spec") or {}:
+            if key not in allowed:
+                hint = (
+                    f" (set analyses.{name}.{key})"
+                    if key in ("checkpoint", "seed") and key not in allowed
+                    else ""
+                )
+                raise ConfigError(
+                    f"config key {where}.{key} is not allowed for analysis kind {kind!r}{hint}; "
+                    f"allowed keys: {', '.join(allowed)}"
+                )
+        validate_block(a.get("spec") or {}, "analysis", kind, where)
+        if kind in ("landscape", "twirling"):
+            if not a.get("experiment"):
+                raise ConfigError(
+                    f"analyses.{name}.experiment: a {kind} analysis reads one run; name its experiment"
+                )
+            a.setdefault("checkpoint", defaults("analysis", kind)["checkpoint"])
+            split = (a.get("spec") or {}).get("split", defaults("analysis", kind)["split"])
+            ds = dataset_of_experiment(cfg, a["experiment"])
+            have = split_names(cfg, ds)
+            if split not in have:
+                raise ConfigError(
+                    f"{where}.split: {split!r} is not a split of dataset {ds!r}; allowed: {', '.join(have)}"
+                )
+        elif kind == "efficiency" and len(a.get("experiments") or []) < 2:
+            raise ConfigError(
+                f"analyses.{name}.experiments: an efficiency analysis compares two experiments "
+                "(baseline, equivariant); list both"
+            )
+
+
+def _check_figures(cfg: dict) -> None:
+    kinds = figure_kinds()
+    for name, f in (cfg.get("figures") or {}).items():
+        if f["kind"] not in kinds:
+            raise ConfigError(
+                f"figures.{name}.kind: {f['kind']!r} is not a figure kind; allowed: {', '.join(kinds)}"
+            )
+        where = f"figures.{name}.style"
+        allowed = allowed_keys("figure_style", f["kind"])
+        for key in f.get("style") or {}:
+            if key not in allowed:
+                raise ConfigError(
+                    f"config key {where}.{key} is not read by figure kind {f['kind']!r}; "
+                    f"allowed keys: {', '.join(allowed)}"
+                )
+        validate_block(f.get("style") or {}, "figure_style", f["kind"], where)
 
 
 def load_config(path: Path) -> dict:
@@ -165,6 +495,13 @@ def run_spec(cfg: dict, experiment: str, seed: int) -> dict[str, Any]:
     task_cfg = deep_merge(t.get("task_cfg", {}), e.get("task_cfg", {}))
     task_cfg["model"] = model
     task_cfg.setdefault("model_overrides", {})
+    if task_kind(cfg, e["task"]) == "denoising":
+        # one place for the grid: the dataset's preprocess block (its max-radius filter)
+        pre = {
+            **defaults("preprocess", "geom"),
+            **(cfg["datasets"][t["dataset"]].get("preprocess") or {}),
+        }
+        task_cfg.update(grid_size=pre["grid_size"], grid_spacing=pre["grid_spacing"])
     return {
         "experiment": experiment,
         "seed": int(seed),

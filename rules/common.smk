@@ -2,12 +2,12 @@
 # must plan in under 5 s.
 import json
 
-from snakemake.utils import validate
-
 from equipipe import config as eqcfg
 from equipipe.data.dataset_block import step_block
 
-validate(config, "../workflow/schemas/config.schema.yaml")
+# The schema (workflow/schemas/config.schema.yaml) with every free-form block closed, defaults
+# filled, then the checks between fields; errors name the key's path and the allowed keys.
+eqcfg.validate_schema(config)
 eqcfg.check_config(config)
 
 RUNS = eqcfg.runs(config)
@@ -90,19 +90,15 @@ def train_out(wildcards):
 
 
 def train_gpus(wildcards):
-    return int(config["experiments"][wildcards.experiment]["resources"].get("gpu", 0))
+    return int(config["experiments"][wildcards.experiment]["resources"]["gpu"])
 
 
 def train_runtime(wildcards):
-    return int(
-        config["experiments"][wildcards.experiment]["resources"].get("runtime", 60)
-    )
+    return int(config["experiments"][wildcards.experiment]["resources"]["runtime"])
 
 
 def train_mem(wildcards):
-    return int(
-        config["experiments"][wildcards.experiment]["resources"].get("mem_mb", 4000)
-    )
+    return int(config["experiments"][wildcards.experiment]["resources"]["mem_mb"])
 
 
 def run_files(experiments, names=("metrics.parquet", "run.json")):
@@ -139,9 +135,9 @@ def analysis_kind(wildcards):
 def analysis_spec(wildcards):
     a = analysis_of(wildcards)
     extra = {"experiments": a["experiments"]} if a.get("experiments") else {}
-    return json.dumps(
-        {**a["spec"], "checkpoint": a["checkpoint"], **extra}, sort_keys=True
-    )
+    if a.get("checkpoint"):
+        extra["checkpoint"] = a["checkpoint"]
+    return json.dumps({**a["spec"], **extra}, sort_keys=True)
 
 
 def figure_of(wildcards):
