@@ -669,6 +669,78 @@ def _write_manifest(df, out_dir: Path) -> Path:
     return dest
 
 
+METADATA_FILES = {
+    "seqres": "pdb_seqres.txt.gz",
+    "resolu": "resolu.idx",
+    "entry_type": "pdb_entry_type.txt",
+}
+
+
+def _check_metadata(name: str, path: Path) -> None:
+    """Refuse a metadata file that is not what wwPDB publishes (e.g. an HTML error page)."""
+    from equipipe.data.download import DownloadError, verify_gzip
+
+    if name == "seqres":
+        verify_gzip(path)
+        n = next(iter(parse_seqres(path)), None) is not None
+    elif name == "resolu":
+        n = bool(parse_resolu(path))
+    else:
+        n = bool(parse_entry_type(path))
+    if not n:
+        head = Path(path).read_bytes()[:80]
+        raise DownloadError(
+            f"{path} holds no {METADATA_FILES[name]} records (starts with {head!r}); an HTML "
+            "error page or an empty file was served: delete it and download it again"
+        )
+
+
+def _metadata(cfg: dict[str, Any], meta: Path, kw: dict[str, Any]) -> dict[str, Path]:
+    """The three wwPDB metadata files in ``meta``.
+
+    With ``download_dir`` holding them (a local copy: a cluster node without internet), they
+    are checked and linked and nothing is contacted; else each is fetched from wwPDB. A file
+    that does not parse (an HTML page served with status 200) is deleted and fetched again.
+    """
+    from equipipe.data.download import DownloadError, fetch, use_local_copy
+
+    paths: dict[str, Path] = {}
+    local = Path(cfg["download_dir"]).expanduser() if cfg.get("download_dir") else None
+    meta.mkdir(parents=True, exist_ok=True)
+    expected = cfg.get("expected") or {}
+    unknown = sorted(set(expected) - set(METADATA_FILES.values()))
+    if unknown:
+        raise ValueError(
+            f"pdb download.expected names {unknown}; allowed: {sorted(METADATA_FILES.values())}"
+        )
+    for name, filename in METADATA_FILES.items():
+        dest = meta / filename
+        pin = {k: v for k, v in (expected.get(filename) or {}).items() if v is not None}
+        if local is not None and (local / filename).is_file():
+            _check_metadata(name, local / filename)
+            if not use_local_copy(local / filename, dest, **pin):
+                raise DownloadError(
+                    f"{local / filename} does not match download.expected.{filename} {pin}: "
+                    "replace the local copy or update the pin"
+                )
+            log.info("pdb: %s from the local copy %s (no network)", filename, local)
+            paths[name] = dest
+            continue
+        url = _remote_url(cfg, SOURCES["remote"][name])
+        for attempt in range(1, int(kw["retries"]) + 1):
+            fetch(url, dest, **pin, **kw)
+            try:
+                _check_metadata(name, dest)
+                break
+            except DownloadError:
+                dest.unlink(missing_ok=True)
+                if attempt == int(kw["retries"]):
+                    raise
+                log.warning("pdb: %s was not a %s file; fetching it again", url, filename)
+        paths[name] = dest
+    return paths
+
+
 def download(source: str, out_dir: Path, cfg: dict[str, Any]) -> None:
     """Fetch the metadata, filter, then fetch the selected structures (or use the mirror).
 
@@ -676,7 +748,7 @@ def download(source: str, out_dir: Path, cfg: dict[str, Any]) -> None:
     """
     import polars as pl
 
-    from equipipe.data.download import DownloadError, fetch, fetch_many, verify_gzip
+    from equipipe.data.download import DownloadError, fetch_many, verify_gzip
 
     cfg = options(cfg, "preprocess", "download")  # the metadata filters are preprocess keys
     if source == "embedded":
@@ -691,11 +763,7 @@ def download(source: str, out_dir: Path, cfg: dict[str, Any]) -> None:
         "timeout": float(cfg["timeout"]),
         "backoff": float(cfg["backoff"]),
     }
-    paths = {}
-    for name in ("seqres", "resolu", "entry_type"):
-        url = _remote_url(cfg, SOURCES["remote"][name])
-        paths[name] = fetch(url, meta / url.rsplit("/", 1)[-1], **kw)
-    verify_gzip(paths["seqres"])
+    paths = _metadata(cfg, meta, kw)
     chains = select_chains(paths["seqres"], paths["resolu"], paths["entry_type"], cfg)
     entries = sorted(chains["pdb_id"].unique().to_list())
     if cfg["limit"] is not None:
@@ -715,24 +783,36 @@ def download(source: str, out_dir: Path, cfg: dict[str, Any]) -> None:
         root = out_dir / "mmCIF"
         dests = {e: divided_path(root, e) for e in entries}
         present = {e for e, d in dests.items() if d.exists()}
-        items = [(structure_url(e, cfg), dests[e]) for e in entries]
-        try:
-            fetch_many(items, concurrency=int(cfg["concurrency"]), **kw)
-        except DownloadError as err:
-            failures = getattr(err, "failures", None)
-            if failures is None:
-                raise
-            by_dest = {Path(d).resolve(): e for e, d in dests.items()}
-            for _remote, dest, exc in failures:
-                errors[by_dest[Path(dest).resolve()]] = f"download failed: {exc}"
-        for e in entries:  # gzip integrity of what arrived in this run
-            if e in errors or e in present:
-                continue
+        todo = [e for e in entries if e not in present]
+        # A server may answer 200 with an HTML error page instead of the file (no size or
+        # checksum is published for a structure): what is not a complete gzip is deleted and
+        # fetched again, up to `retries` rounds, before it counts as failed.
+        rounds = int(cfg["retries"])
+        for k in range(rounds):
+            failed: dict[str, str] = {}
+            items = [(structure_url(e, cfg), dests[e]) for e in todo]
             try:
-                verify_gzip(dests[e])
-            except DownloadError as exc:
-                dests[e].unlink(missing_ok=True)
-                errors[e] = f"corrupt gzip: {exc}"
+                fetch_many(items, concurrency=int(cfg["concurrency"]), **kw)
+            except DownloadError as err:
+                failures = getattr(err, "failures", None)
+                if failures is None:
+                    raise
+                by_dest = {Path(d).resolve(): e for e, d in dests.items()}
+                for _remote, dest, exc in failures:
+                    failed[by_dest[Path(dest).resolve()]] = f"download failed: {exc}"
+            for e in todo:  # gzip integrity of what arrived in this run
+                if e in failed:
+                    continue
+                try:
+                    verify_gzip(dests[e])
+                except DownloadError as exc:
+                    dests[e].unlink(missing_ok=True)
+                    failed[e] = f"corrupt gzip: {exc}"
+            todo = [e for e, m in failed.items() if m.startswith("corrupt gzip")]
+            errors.update({e: m for e, m in failed.items() if e not in todo or k == rounds - 1})
+            if not todo:
+                break
+            log.warning("pdb: %d structures were not gzip files; fetching them again", len(todo))
         file_col = {e: str(dests[e].relative_to(out_dir)) for e in entries}
         allowed = float(cfg["max_failed_downloads"]) * max(len(entries), 1)
         if len(errors) > allowed:
