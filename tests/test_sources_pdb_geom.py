@@ -36,8 +36,8 @@ def pdb_release() -> wwpdb.WwpdbRelease:
 
 
 @pytest.fixture(scope="session")
-def geom_rel(tmp_path_factory) -> geom_release.GeomRelease:
-    return geom_release.build(tmp_path_factory.mktemp("geom_release"))
+def geom_rel() -> geom_release.GeomRelease:
+    return geom_release.cached()
 
 
 def _closed_url() -> str:

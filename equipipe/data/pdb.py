@@ -573,7 +573,8 @@ def parse_entry_type(path: str | os.PathLike) -> dict[str, tuple[str, str]]:
     with open(path, errors="replace") as f:
         for line in f:
             parts = line.split()
-            if len(parts) >= 3:
+            # an id, then the type: other lines (an HTML page served instead) never count
+            if len(parts) >= 3 and re.fullmatch(r"[0-9A-Za-z_]{4,12}", parts[0]):
                 out[parts[0].lower()] = (parts[1], parts[2])
     return out
 

@@ -15,11 +15,13 @@ the embedded builder's per-molecule routine (:func:`equipipe.data.geom._embedded
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import pickle
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,3 +106,9 @@ def build(out: Path, n: int = 10, seed: int = 11) -> GeomRelease:
         sum(len(r["conformers"]) for r in drugs),
         sum(min(2, len(r["conformers"])) for r in drugs),
     )
+
+
+@functools.cache
+def cached(n: int = 10, seed: int = 11) -> GeomRelease:
+    """One build per test process (the files are read-only inputs of every test using them)."""
+    return build(Path(tempfile.mkdtemp(prefix="geom_release_")), n, seed)
