@@ -22,19 +22,11 @@ from equipipe.store import Store
 from tests.httpserver import Fault, LoopbackServer
 from tests.test_workflow import BIN, SNAKEFILE, snakemake
 from tests.upstreams.apollo import Apollo
-from tests.upstreams.spice_release import build_releases
 from tests.upstreams.zenodo import Zenodo
 
 TRAIN = {"steps": 6, "batch_size": 4, "lr": 1.0e-3, "checkpoint_every": 3, "analysis_step": 3}
 EVAL = {"every": 3, "early": [1], "k": 2, "examples": 4, "batch_size": 4}
 NOWHERE = "http://127.0.0.1:9"  # discard port: nothing listens, any request fails at once
-
-
-@pytest.fixture(scope="session")
-def spice_releases(tmp_path_factory) -> tuple[Path, dict]:
-    """Miniature SPICE releases (root folder, source -> file -> download.expected pin)."""
-    root = tmp_path_factory.mktemp("spice_releases")
-    return root, build_releases(root)
 
 
 def _config(source: str, download: dict, split: dict, download_dir: str | None = None) -> dict:
@@ -106,10 +98,10 @@ def dags(spice_releases, tmp_path_factory):
         "maceoff23": _config(
             "maceoff23", {"apollo_base": apollo.base, "expected": pins["maceoff23"]}, MACEOFF_SPLIT
         ),
-        # the local copy: no server anywhere (both endpoints point at a closed port)
+        # the local copy: no server anywhere (the endpoint is a closed port)
         "maceoff23-local": _config(
             "maceoff23",
-            {"apollo_base": NOWHERE, "zenodo_api": NOWHERE, "expected": pins["maceoff23"]},
+            {"apollo_base": NOWHERE, "expected": pins["maceoff23"]},
             MACEOFF_SPLIT,
             download_dir=str(root / "maceoff23"),
         ),
