@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from equipipe import landscape as ls
+from equipipe.config import defaults
 from equipipe.equivariance import (
     canonical_predictions,
     decomposition_from_predictions,
@@ -53,45 +54,9 @@ from equipipe.forcehead import HEAD_PARAM, head_equiv_error, with_twirled_head
 from equipipe.so3 import octahedral_rotations
 from equipipe.tasks.base import Batch
 
-LANDSCAPE_DEFAULTS: dict[str, Any] = {
-    "checkpoint": "early.pt",  # the study perturbs an early checkpoint (step 500)
-    "param": None,  # named parameter block; None: force_head.linear.weight / decoder.linear.weight
-    "field": None,  # None: the task's primary field
-    "k": None,  # rotations per example; None: the run's evaluation K
-    "rotations": "auto",  # auto | haar (K per example, fixed) | octahedral (all 24, exhaustive)
-    "seed": None,  # None: the run's evaluation generator (same views and rotations as training)
-    "split": "val",
-    "n_examples": None,  # None: the run's evaluation examples
-    "batch_size": None,
-    "labels": None,  # keep only views with these labels, e.g. {"t": [0.2, 0.9]}
-    "grid": 20,  # grid points per axis
-    "step": None,  # grid spacing; None: 0.00164 (force head) / 0.002 (decoder), else 1e-3
-    "exact_max": 2000,  # exact Hessian up to this many parameters, Lanczos above
-    "lanczos_k": 64,
-    "rel_tol": 1e-6,  # λmin+ = smallest eigenvalue above rel_tol * λmax
-    "resample": False,  # redraw the rotations (and views) at every grid point
-    "planes": ["total", "mean", "equiv"],  # grids on these losses' eigenvectors ("equiv": study)
-    # auto: float32 forwards for the exact quadratic route (final linear block), float64 for the
-    # autograd route; float64 | float32 force one (float64 falls back if the model cannot run it)
-    "dtype": "auto",
-    "device": "cpu",
-    "device_strategy": "auto",
-}
+LANDSCAPE_DEFAULTS: dict[str, Any] = defaults("analysis", "landscape")  # the schema's
 
-TWIRLING_DEFAULTS: dict[str, Any] = {
-    "checkpoint": "model.pt",
-    "ks": list(range(1, 33)),  # twirl sizes K
-    "k_decomp": None,  # rotations of the independent decomposition; None: max(ks) (>= 2)
-    "repeats": 4,  # independent rotation draws (each gives floor(Kmax/K) disjoint twirls of K)
-    "seed": 0,
-    "split": "val",
-    "n_examples": None,
-    "batch_size": None,
-    "labels": None,
-    "exact": True,  # add the exact head twirl where the model has the direct force head
-    "device": "cpu",
-    "device_strategy": "auto",
-}
+TWIRLING_DEFAULTS: dict[str, Any] = defaults("analysis", "twirling")  # the schema's
 
 
 def _resolve(spec: dict | None, defaults: dict[str, Any], what: str) -> dict[str, Any]:

@@ -58,6 +58,7 @@ import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
 
+from equipipe.config import defaults
 from equipipe.figures import FigureContext, register_kind
 
 ASSUMPTIONS: tuple[str, str] = (
@@ -66,17 +67,7 @@ ASSUMPTIONS: tuple[str, str] = (
     "(b) held-out loss falls as a power of compute, L ∝ C^(-α), with α fitted on the "
     "non-equivariant run",
 )
-DEFAULTS: dict = {
-    "baseline": None,
-    "equivariant": None,
-    "field": None,
-    "split": "val",
-    "metric": "total",
-    "clock": "train",
-    "fit_from": 0.1,
-    "n_boot": 1000,
-    "boot_seed": 0,
-}
+DEFAULTS: dict = defaults("analysis", "efficiency")  # the schema's
 TABLE_SCHEMA: dict[str, pl.DataType] = {
     "quantity": pl.String,
     "value": pl.Float64,

@@ -195,6 +195,11 @@ def _retry_after(headers) -> float | None:
         return None
 
 
+def _is_html(headers) -> bool:
+    ctype = (headers.get("Content-Type") or "") if headers is not None else ""
+    return ctype.split(";")[0].strip().lower() in ("text/html", "application/xhtml+xml")
+
+
 def _open(url: str, headers: dict[str, str], timeout: float):
     """Open ``url``; translate urllib's errors into retryable / fatal ones."""
     check_url(url)
@@ -399,6 +404,12 @@ def _transfer(
             offset, total, body_len, mode = 0, length, length, "wb"
         else:
             raise _Transient(f"unexpected HTTP status {status}")
+        if _is_html(resp.headers) and not exp.name.lower().endswith((".html", ".htm")):
+            # portals answer maintenance pages and login walls with 200: never land one
+            raise _Transient(
+                f"server answered an HTML page ({resp.headers.get('Content-Type')}) "
+                f"instead of {exp.name}"
+            )
         if exp.size is not None and total is not None and total != exp.size:
             raise _Transient(f"server reports {total} bytes, expected {exp.size}")
         if exp.size is not None and body_len is not None and offset + body_len > exp.size:
@@ -691,6 +702,8 @@ def _get_json(url: str, timeout: float, retries: int, backoff: float):
                 status = getattr(resp, "status", None) or resp.code
                 if status != 200:
                     raise _Fatal(f"HTTP {status}")
+                if _is_html(resp.headers):
+                    raise _Transient(f"an HTML page ({resp.headers.get('Content-Type')}), not JSON")
                 body = resp.read()
             try:
                 return json.loads(body)
@@ -703,7 +716,10 @@ def _get_json(url: str, timeout: float, retries: int, backoff: float):
         except (_Transient, HTTPException, OSError) as e:
             last = e
             if attempt < retries:
-                _sleep(min(MAX_BACKOFF_S, backoff * 2 ** (attempt - 1)), None)
+                wait = backoff * 2 ** (attempt - 1)
+                if getattr(e, "retry_after", None) is not None:  # 429/503 Retry-After
+                    wait = max(wait, e.retry_after)
+                _sleep(min(MAX_BACKOFF_S, wait), None)
     raise DownloadError(
         f"metadata request {url} failed after {retries} attempts: {last}", url=url
     ) from last

@@ -23,10 +23,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from equipipe.config import defaults
+
 HARTREE_EV = 27.211386
 BOHR_ANGSTROM = 0.529177
 
-SPICE_ELEMENTS: tuple[str, ...] = ("H", "C", "N", "O", "F", "P", "S", "Cl", "Br", "I")
+SPICE_ELEMENTS: tuple[str, ...] = tuple(defaults("embedded", "spice")["elements"])  # the schema's
 GEOM_ELEMENTS: tuple[str, ...] = ("H", "C", "N", "O", "F", "S", "Cl", "Br")
 
 # Ground-state (Hund's rule) unpaired electrons of the neutral free atoms we use.

@@ -82,6 +82,7 @@ from typing import Any
 
 import numpy as np
 
+from equipipe.config import dataset_defaults
 from equipipe.data import safe_pickle
 from equipipe.data.dataset_block import options
 from equipipe.data.download import file_digest, use_local_copy
@@ -97,7 +98,7 @@ MIDI_URL = "https://bits.csb.pitt.edu/files/geom_raw/"
 MIDI_SPLITS = ("train", "val", "test")
 HARTREE_KCAL = 627.509474  # kcal/mol per hartree
 KB_KCAL = 0.0019872043  # Boltzmann constant, kcal/(mol K)
-ELEMENTS: tuple[str, ...] = ("C", "H", "O", "N", "F", "S", "Cl", "Br")
+ELEMENTS: tuple[str, ...] = tuple(dataset_defaults("geom")["elements"])  # the schema's
 EMBEDDED_FORMAT = "equipipe GEOM-format embedded GFN2-xTB set (RDKit NCI first_5K molecules)"
 
 SOURCES: dict[str, dict[str, Any]] = {
@@ -122,32 +123,7 @@ SOURCES: dict[str, dict[str, Any]] = {
     },
 }
 
-DEFAULTS: dict[str, Any] = {
-    "source": "embedded",
-    "download_dir": None,
-    "dataverse_api": "https://dataverse.harvard.edu/api",
-    "midi_url": MIDI_URL,
-    "rdkit_folder_md5": None,
-    "midi_sha256": {},
-    "allow_unverified_pickles": False,
-    "conformers_per_molecule": 5,
-    "conformer_order": "first",
-    "elements": list(ELEMENTS),
-    "grid_size": 32,
-    "grid_spacing": 0.5,
-    "radius_margin": 1.0,
-    "max_molecules": None,
-    "max_bad_fraction": 0.5,
-    # embedded build
-    "n_molecules": 60,
-    "conformers": 5,
-    "seed": 1,
-    "min_heavy": 8,
-    "max_heavy": 24,
-    "prune_rms": 0.5,
-    "temperature": 298.15,
-    "workers": 2,
-}
+DEFAULTS: dict[str, Any] = {"source": "embedded", **dataset_defaults("geom")}  # the schema's
 
 CONFORMER_ORDERS = ("first", "lowest_energy")
 

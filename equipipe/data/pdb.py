@@ -86,6 +86,7 @@ from typing import Any
 
 import numpy as np
 
+from equipipe.config import dataset_defaults
 from equipipe.data.dataset_block import options
 
 log = logging.getLogger(__name__)
@@ -107,29 +108,7 @@ SOURCES: dict[str, dict[str, Any]] = {
     },
 }
 
-DEFAULTS: dict[str, Any] = {
-    "min_length": 50,
-    "max_length": 256,
-    "max_resolution": 5.0,
-    "methods": ["diffraction", "EM"],
-    "backend": "gemmi",
-    "mirror": None,
-    "base_url": None,
-    "concurrency": 8,
-    "retries": 3,
-    "timeout": 60,
-    "backoff": 1.0,
-    "limit": None,
-    "max_failed_downloads": 0.01,
-    "cluster_method": "auto",
-    "cluster_min_seq_id": 0.5,
-    "cluster_coverage": 0.8,
-    "threads": 1,
-    "workers": 1,
-    "max_bad_fraction": 0.5,
-    "embedded_max_length": 512,
-    "chain_break_angstrom": 4.2,
-}
+DEFAULTS: dict[str, Any] = dataset_defaults("pdb")  # the schema's
 
 BACKENDS = ("gemmi", "biopython")
 METHODS = ("diffraction", "EM", "NMR", "other")

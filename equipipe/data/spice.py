@@ -46,11 +46,11 @@ from typing import Any
 
 import numpy as np
 
+from equipipe.config import dataset_defaults
 from equipipe.data.dataset_block import options
 from equipipe.data.embedded import (
     BOHR_ANGSTROM,
     HARTREE_EV,
-    SPICE_ELEMENTS,
     draw_until,
     embed_conformers,
     isolated_atom_energies,
@@ -114,24 +114,7 @@ SOURCES: dict[str, dict[str, Any]] = {
     "embedded": {"kind": "embedded", "format": "hdf5", "files": {EMBEDDED_FILE: {}}},
 }
 
-DEFAULTS: dict[str, Any] = {
-    "source": "embedded",
-    "download_dir": None,
-    "zenodo_api": "https://zenodo.org/api",
-    "apollo_base": APOLLO_BASE,
-    "expected": {},
-    "n_molecules": 120,
-    "conformers": 8,
-    "seed": 0,
-    "workers": 2,
-    "min_heavy": 8,
-    "max_heavy": 40,
-    "thermal_sigma": 0.03,
-    "prune_rms": 0.5,
-    "elements": list(SPICE_ELEMENTS),
-    "max_gradient": 1.0,
-    "max_bad_fraction": 0.05,
-}
+DEFAULTS: dict[str, Any] = {"source": "embedded", **dataset_defaults("spice")}  # the schema's
 
 REQUIRED_KEYS = ("atomic_numbers", "conformations", "dft_total_energy", "dft_total_gradient")
 FORCE_UNIT = HARTREE_EV / BOHR_ANGSTROM  # 1 hartree/bohr in eV/Å

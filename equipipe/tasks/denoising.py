@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from equipipe.config import defaults
 from equipipe.so3 import haar_rotations, octahedral_rotations, rotate_grid
 from equipipe.tasks.base import Batch
 from equipipe.voxel import (
@@ -58,18 +59,12 @@ from equipipe.voxel import (
     voxelize,
 )
 
+# the schema's; the grid is the GEOM preprocess grid (the workflow passes the dataset's own)
+_GRID = defaults("preprocess", "geom")
 DEFAULTS: dict[str, Any] = {
-    "model": "voxmol",
-    "model_overrides": {},
-    "grid_size": 32,
-    "grid_spacing": 0.5,
-    "atom_radius": 0.5,
-    "density_form": "voxmol",
-    "noise_sigma": 0.9,
-    "max_shift": 0.5,
-    "eval_modes": ["octahedral", "haar"],
-    "floor_blur_sigma": 0.5,
-    "floor_k": 4,
+    **defaults("task_cfg", "denoising"),
+    "grid_size": _GRID["grid_size"],
+    "grid_spacing": _GRID["grid_spacing"],
 }
 EVAL_MODES = ("octahedral", "haar")
 N_CHANNELS = len(ATOMIC_NUMBERS)

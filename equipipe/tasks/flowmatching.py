@@ -33,19 +33,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from equipipe.config import defaults
 from equipipe.models.registry import build_model
 from equipipe.tasks.base import Batch
 
-DEFAULTS: dict[str, Any] = {
-    "model": "proteina",  # registry name
-    "model_overrides": {},  # config-field overrides passed to the model builder
-    "eval_t": [0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.99],  # flow times of the evaluation views
-    "self_cond_prob": 0.5,  # probability per training batch of the self-conditioning pass
-    "t_beta_a": 1.9,  # t ~ (1 - w) Beta(a, 1) + w U(0, 1) ...
-    "t_uniform_frac": 0.02,  # ... with w = t_uniform_frac
-    "loss_eps": 1e-5,  # loss = ||x1 - x1_hat||^2 / (3n) / ((1 - t)^2 + loss_eps)
-    "noise_std": 1.0,  # nm, standard deviation of x0 per coordinate
-}
+DEFAULTS: dict[str, Any] = defaults("task_cfg", "flowmatching")  # the schema's
 
 _VECTORS = ("x1", "x0", "x_sc")
 

@@ -29,16 +29,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from equipipe.config import defaults
 from equipipe.models.registry import build_model
 from equipipe.tasks.base import Batch
 
-DEFAULTS: dict[str, Any] = {
-    "model": "escaip",  # registry name
-    "model_overrides": {},  # config-field overrides passed to the model builder
-    "energy_reference": "linear",  # "linear" (per-element least squares) | "none"
-    "energy_weight": 4.0,  # loss = energy_weight * MAE(E) + force_weight * L2MAE(F), normalised
-    "force_weight": 100.0,
-}
+DEFAULTS: dict[str, Any] = defaults("task_cfg", "forcefield")  # the schema's
 ENERGY_REFERENCES = ("linear", "none")
 
 
