@@ -68,7 +68,8 @@ BLOCK_KINDS = (
 
 @functools.cache
 def _schema() -> dict:
-    return yaml.safe_load(SCHEMA.read_text())
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: planning stays fast
+    return yaml.load(SCHEMA.read_text(), Loader=loader)
 
 
 def schema() -> dict:
