@@ -26,11 +26,11 @@ MODEL_SIZES: dict[str, tuple[str, ...]] = {
     "voxmol": ("tiny", "7M", "28M", "111M"),
 }
 TASK_DATASETS = {"forcefield": "spice", "flowmatching": "pdb", "denoising": "geom"}
-DATASET_SOURCES = {
-    "spice": ("embedded", "spice-2.0.1", "spice-1.1.4", "maceoff23"),
-    "pdb": ("embedded", "remote"),
-    "geom": ("embedded", "geom-rdkit", "midi"),
-}
+
+
+# EvalConfig.split's default (equipipe/train.py holds the train/eval defaults; a test keeps
+# this equal to it without importing torch at plan time).
+EVAL_SPLIT_DEFAULT = "val"
 
 
 class ConfigError(ValueError):
@@ -138,6 +138,15 @@ def allowed_keys(kind: str, name: str) -> list[str]:
     return [k for k, v in props.items() if not v.get("x-internal")]
 
 
+def dataset_sources() -> dict[str, tuple[str, ...]]:
+    """Dataset name -> the sources the schema allows for it."""
+    defs = _schema()["$defs"]
+    return {
+        n: tuple(defs[f"dataset:{n}"]["properties"]["source"]["enum"])
+        for n in block_names("dataset")
+    }
+
+
 def dataset_defaults(name: str) -> dict[str, Any]:
     """Flat defaults of a dataset's download, embedded and preprocess blocks (+ download_dir).
 
@@ -227,12 +236,11 @@ def validate_block(value: Any, kind: str, name: str, where: str, *, fill: bool =
 def check_config(cfg: dict) -> dict:
     """Cross-references the schema cannot express; raises ConfigError naming key and allowed values."""
     datasets, tasks, exps = cfg["datasets"], cfg["tasks"], cfg["experiments"]
+    sources = dataset_sources()
     for name, ds in datasets.items():
-        allowed = DATASET_SOURCES.get(name)
+        allowed = sources.get(name)
         if allowed is None:
-            raise ConfigError(
-                f"datasets.{name}: unknown dataset; allowed: {', '.join(DATASET_SOURCES)}"
-            )
+            raise ConfigError(f"datasets.{name}: unknown dataset; allowed: {', '.join(sources)}")
         if ds["source"] not in allowed:
             raise ConfigError(
                 f"datasets.{name}.source: {ds['source']!r} is not allowed; allowed: {', '.join(allowed)}"
@@ -400,7 +408,7 @@ def _check_task_blocks(cfg: dict) -> None:
         used.add(e["task"])
         t = cfg["tasks"][e["task"]]
         ev = deep_merge(t.get("eval") or {}, e.get("eval") or {})
-        split = ev.get("split", "val")
+        split = ev.get("split", EVAL_SPLIT_DEFAULT)
         have = split_names(cfg, t["dataset"])
         if split not in have:
             src = (

@@ -95,6 +95,21 @@ def test_wrong_type_names_path(path, value, text):
     assert path in str(err.value) and text in str(err.value), str(err.value)
 
 
+def test_download_expected_pins_are_closed_per_file():
+    cfg = copy.deepcopy(PAPER)
+    cfg["datasets"]["spice"]["download"] = {"expected": {"test_large_neut_all.xyz": {"frame": 5}}}
+    with pytest.raises(ConfigError) as err:
+        _check(cfg)
+    msg = str(err.value)
+    assert "datasets.spice.download.expected.test_large_neut_all.xyz.frame" in msg
+    assert "allowed keys: size, md5, sha256, frames" in msg
+    cfg["datasets"]["spice"]["download"] = {"expected": {"x.xyz": {"md5": "not-hex"}}}
+    with pytest.raises(
+        ConfigError, match=r"download\.expected\.x\.xyz\.md5: 'not-hex' does not match"
+    ):
+        _check(cfg)
+
+
 def test_model_overrides_checked_on_the_merged_slice_when_an_experiment_switches_model():
     cfg = _put(DEFAULT, "tasks.forcefield.task_cfg.model_overrides", {"n_rbf": 64})
     # ff_equivariant switches to the e3nn model, which has no n_rbf: the merged slice is wrong
@@ -289,6 +304,7 @@ def test_train_and_eval_keys_are_the_training_loop_fields():
     s = eqcfg.schema()["$defs"]
     assert set(s["train"]["properties"]) == {f.name for f in dataclasses.fields(TrainConfig)}
     assert set(s["eval"]["properties"]) == {f.name for f in dataclasses.fields(EvalConfig)}
+    assert EvalConfig().split == eqcfg.EVAL_SPLIT_DEFAULT
 
 
 def test_readme_documents_exactly_the_schema_keys():
@@ -305,7 +321,7 @@ def test_schema_property_definitions_use_known_keywords_only():
     vocab = {
         "type", "default", "description", "enum", "items", "minimum", "maximum",
         "exclusiveMinimum", "exclusiveMaximum", "minItems", "maxItems", "additionalProperties",
-        "properties", "required", "$ref", "x-sources", "x-internal", "minProperties",
+        "properties", "required", "$ref", "x-sources", "x-internal", "minProperties", "pattern",
     }  # fmt: skip
     bad = []
 
@@ -319,3 +335,32 @@ def test_schema_property_definitions_use_known_keywords_only():
 
     walk(eqcfg.schema(), "")
     assert not bad, bad
+
+
+@pytest.mark.parametrize("cfg", [DEFAULT, PAPER, TINY], ids=["config", "paper", "tiny"])
+def test_shipped_configs_use_only_keys_the_code_reads(cfg):
+    out = _check(cfg)
+    for exp, seed in eqcfg.runs(out):
+        spec = run_spec(out, exp, seed)
+        kind, model = spec["task"], spec["model"]
+        assert set(spec["task_cfg"]) <= set(eqcfg.block_schema("task_cfg", kind)["properties"])
+        assert set(spec["task_cfg"]["model_overrides"]) <= set(
+            eqcfg.allowed_keys("model_overrides", model)
+        )
+
+
+def test_planning_imports_nothing_heavy():
+    """What rules/common.smk imports (the config module, the dataset block wiring) and a full
+    validation of the paper grid load no torch, e3nn, rdkit or matplotlib."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, yaml\n"
+        "from equipipe import config as c\n"
+        "import equipipe.data.dataset_block\n"
+        "c.check_config(c.validate_schema(yaml.safe_load(open('config/paper.yaml'))))\n"
+        "heavy = [m for m in ('torch', 'e3nn', 'rdkit', 'matplotlib') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
