@@ -62,11 +62,15 @@ def test_metadata_html_page_is_fetched_again_not_read_as_empty(
 
 
 def test_metadata_that_never_parses_fails_naming_the_file(http_server, tmp_path, release):
+    """An error text served as text/plain with 200 (not recognisable as HTML) is refused too."""
     up = wwpdb.Wwpdb(http_server, release)
-    up.publish({"resolu.idx": (Fault(html_page=True, times=None),)})
-    with pytest.raises(DownloadError, match="resolu.idx records"):
+    up.publish()
+    page = b"Service temporarily unavailable. Please retry later.\n"
+    http_server.add(wwpdb.Wwpdb.META["resolu.idx"], page, content_type="text/plain")
+    with pytest.raises(DownloadError, match="holds no resolu.idx records"):
         pdb.download("remote", tmp_path, {"base_url": up.base_url, **FAST})
     assert not (tmp_path / "metadata" / "resolu.idx").exists()  # never left in place
+    assert len(http_server.requests_for(wwpdb.Wwpdb.META["resolu.idx"])) == FAST["retries"]
 
 
 def test_structure_served_as_html_page_is_fetched_again(http_server, tmp_path, release):
