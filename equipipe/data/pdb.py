@@ -10,7 +10,12 @@ Sources (``SOURCES``):
   :func:`equipipe.data.download.fetch_many` call with bounded concurrency (retries, HTTP Range
   resume, gzip integrity). With ``mirror`` set, a local rsync tree of
   ``structures/divided/mmCIF`` (``<mirror>/mmCIF/<id[1:3]>/<id>.cif.gz`` or
-  ``<mirror>/<id[1:3]>/<id>.cif.gz``) is read in place and nothing is downloaded.
+  ``<mirror>/<id[1:3]>/<id>.cif.gz``) is read in place and nothing is downloaded. With
+  ``download_dir`` holding the three metadata files they are checked (and matched against
+  ``download.expected`` pins where given) and linked, not fetched: ``download_dir`` plus
+  ``mirror`` runs with no network at all. A metadata file that does not parse as its wwPDB
+  format (an error page served with status 200) is deleted and fetched again, never read as
+  "no entries"; a structure that is not a complete gzip is fetched again (``retries`` rounds).
 - ``embedded``: real chains shipped in the ``mdanalysistests`` sdist (found with importlib,
   never imported), each kept chain written as its own mmCIF so that :func:`preprocess` reads
   both sources with the same reader.
