@@ -122,24 +122,14 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     raise ValueError(f"schedule={cfg.schedule!r}; allowed: 'constant', 'cosine'")
 
 
-def adam_eps(eps: float) -> float:
-    """The eps handed to Adam/AdamW: ``eps: 0`` (VoxMol's AdamW) becomes the smallest normal
-    float32 (1.2e-38). Adam divides by ``sqrt(v) + eps``: with eps exactly 0 a parameter that
-    has had no gradient yet (a voxel channel of an element absent from the batch) gets 0/0 =
-    NaN at step 1; with 1.2e-38 it gets 0, the eps -> 0 limit, and every other update is the
-    same number (``sqrt(v) + 1.2e-38 == sqrt(v)`` in float32 wherever a gradient was seen).
-    """
-    return float(eps) if eps > 0 else float(torch.finfo(torch.float32).tiny)
-
-
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(
-            params, lr=cfg.lr, betas=cfg.betas, eps=adam_eps(cfg.eps), weight_decay=cfg.weight_decay
+            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
         )
     if cfg.optimizer == "adam":
         return torch.optim.Adam(
-            params, lr=cfg.lr, betas=cfg.betas, eps=adam_eps(cfg.eps), weight_decay=cfg.weight_decay
+            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
         )
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
