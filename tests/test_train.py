@@ -174,3 +174,18 @@ def test_ddp_two_ranks_on_cpu_match_single_process(tiny_store, tmp_path):
     loss = (pl.col("metric") == "train_loss") & (pl.col("step") == 1)
     assert a.filter(loss)["value"][0] == pytest.approx(b.filter(loss)["value"][0], rel=0.1)
     assert b.filter(pl.col("value").is_nan() & (pl.col("metric") == "pct")).height == 0
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adam"])
+def test_adam_eps_zero_leaves_zero_gradient_elements_finite(optimizer):
+    """VoxMol's AdamW(eps=0): an element with an exactly zero gradient must not become NaN."""
+    import torch
+
+    from equipipe.train import make_optimizer
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = make_optimizer([p], TrainConfig(optimizer=optimizer, lr=1e-3, eps=0.0, weight_decay=0.0))
+    p.grad = torch.tensor([1.0, 0.0, -2.0])
+    opt.step()
+    assert torch.isfinite(p).all() and p[1] == 1.0
+    assert torch.allclose(p[[0, 2]], torch.tensor([0.999, 1.001]))  # eps 0 elsewhere: lr steps
