@@ -453,11 +453,26 @@ def _check_analyses(cfg: dict) -> None:
                 raise ConfigError(
                     f"{where}.split: {split!r} is not a split of dataset {ds!r}; allowed: {', '.join(have)}"
                 )
-        elif kind == "efficiency" and len(a.get("experiments") or []) < 2:
-            raise ConfigError(
-                f"analyses.{name}.experiments: an efficiency analysis compares two experiments "
-                "(baseline, equivariant); list both"
-            )
+        elif kind == "efficiency":
+            exps = list(a.get("experiments") or [])
+            if len(exps) < 2:
+                raise ConfigError(
+                    f"analyses.{name}.experiments: an efficiency analysis compares two "
+                    "experiments (baseline, equivariant); list both"
+                )
+            spec = {**defaults("analysis", kind), **(a.get("spec") or {})}
+            for key in ("baseline", "equivariant"):
+                if spec[key] is not None and spec[key] not in exps:
+                    raise ConfigError(
+                        f"{where}.{key}: {spec[key]!r} is not one of analyses.{name}.experiments; "
+                        f"allowed: {', '.join(exps)}"
+                    )
+            have = sorted(set().union(*(metric_splits(cfg, e) for e in exps)))
+            if spec["split"] not in have:
+                raise ConfigError(
+                    f"{where}.split: {spec['split']!r} is not a split the experiments log; "
+                    f"allowed: {', '.join(have)}"
+                )
 
 
 def _check_figures(cfg: dict) -> None:
@@ -476,6 +491,33 @@ def _check_figures(cfg: dict) -> None:
                     f"allowed keys: {', '.join(allowed)}"
                 )
         validate_block(f.get("style") or {}, "figure_style", f["kind"], where)
+        for key in ("baseline", "equivariant"):
+            value = (f.get("style") or {}).get(key)
+            if value is not None and value not in f.get("experiments", []):
+                raise ConfigError(
+                    f"{where}.{key}: {value!r} is not one of figures.{name}.experiments; "
+                    f"allowed: {', '.join(f.get('experiments', []))}"
+                )
+        split = (f.get("style") or {}).get("split")
+        if split is not None and f.get("experiments"):
+            have = sorted(set().union(*(metric_splits(cfg, e) for e in f["experiments"])))
+            for value in [split] if isinstance(split, str) else split:
+                if value not in have:
+                    raise ConfigError(
+                        f"{where}.split: {value!r} is not a split the drawn experiments log; "
+                        f"allowed: {', '.join(have)}"
+                    )
+
+
+def metric_splits(cfg: dict, experiment: str) -> set[str]:
+    """Split labels of an experiment's metric rows: train, val and, for the denoising task, one
+    ``val_<mode>`` per evaluation mode (``equipipe.train`` labels the evaluated split ``val``)."""
+    e = cfg["experiments"][experiment]
+    out = {"train", "val"}
+    if task_kind(cfg, e["task"]) == "denoising":
+        modes = _merged_task_cfg(cfg, experiment).get("eval_modes")
+        out |= {f"val_{m}" for m in modes or defaults("task_cfg", "denoising")["eval_modes"]}
+    return out
 
 
 def load_config(path: Path) -> dict:

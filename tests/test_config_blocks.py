@@ -206,6 +206,29 @@ def test_split_name_that_does_not_exist():
         _check(_put(cfg, "experiments.ff_default.eval", {"split": "test"}))
 
 
+def test_figure_split_that_the_experiments_never_log():
+    with pytest.raises(
+        ConfigError,
+        match=r"figures\.dn_pct_by_data\.style\.split: 'val_haarr'.*allowed: train, val, val_haar, val_octahedral",
+    ):
+        _check(_put(DEFAULT, "figures.dn_pct_by_data.style.split", "val_haarr"))
+    with pytest.raises(
+        ConfigError, match=r"figures\.ff_pct_linear\.style\.split: 'test'.*allowed: train, val$"
+    ):
+        _check(_put(DEFAULT, "figures.ff_pct_linear.style.split", ["val", "test"]))
+
+
+def test_efficiency_analysis_names_its_own_experiments_and_a_logged_split():
+    with pytest.raises(
+        ConfigError, match=r"analyses\.ff_efficiency\.spec\.baseline: 'ff_default' is not one of"
+    ):
+        _check(_put(DEFAULT, "analyses.ff_efficiency.spec.baseline", "ff_default"))
+    with pytest.raises(ConfigError, match=r"analyses\.ff_efficiency\.spec\.split: 'test'"):
+        _check(_put(DEFAULT, "analyses.ff_efficiency.spec.split", "test"))
+    with pytest.raises(ConfigError, match=r"style\.equivariant: 'ff_equivarant' is not one of"):
+        _check(_put(DEFAULT, "figures.ff_efficiency_gap.style.equivariant", "ff_equivarant"))
+
+
 def test_subset_fraction_above_one():
     with pytest.raises(
         ConfigError, match=r"datasets\.spice\.subsets\.all\.size: 1\.5 is a fraction above 1"
