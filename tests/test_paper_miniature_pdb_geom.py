@@ -40,6 +40,7 @@ def _grid(spice_releases, datasets: dict) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # the whole grid: ~3.5 CPU-minutes, more on a loaded machine
 def test_paper_grid_in_miniature_from_local_copies_with_no_server(spice_releases, tmp_path):
     release, geom = wwpdb.build(), geom_release.cached()
     mirror = wwpdb.write_mirror(release, tmp_path / "pdb_mirror")
@@ -68,6 +69,7 @@ def test_paper_grid_in_miniature_from_local_copies_with_no_server(spice_releases
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_paper_grid_in_miniature_with_midi(spice_releases, tmp_path):
     release, geom = wwpdb.build(), geom_release.cached()
     with LoopbackServer() as server:
