@@ -181,7 +181,7 @@ def test_remote_pdb_and_geom_through_the_dag(dags, pdb_release, geom_rel):
     assert set(pdb_store.index["id"]) | set(pdb_store.quarantine["id"]) == want
     assert len(pdb_store) >= len(want) - 2
     assert len(geom_store) + geom_store.quarantine.height == geom_rel.kept_conformers
-    assert geom_store.meta["source"] == "geom-rdkit"
+    assert geom_store.meta["source"] == "geom-rdkit" and pdb_store.meta["source"] == "remote"
     src = json.loads((wd / "resources/geom/geom-rdkit/rdkit_folder.tar.gz.source.json").read_text())
     assert src["md5"] == geom_rel.md5 and src["checksum_source"] == "Dataverse API"
     assert (

@@ -1070,8 +1070,13 @@ def preprocess(raw_dir: Path, store_dir: Path, cfg: dict[str, Any]) -> None:
     )
     lo, hi = int(cfg["min_length"]), int(cfg["max_length"])
     by_file: dict[str, list[dict[str, Any]]] = {}
+    origins = {str(r.get("origin") or "") for r in rows}
+    source = cfg.get("source") or (
+        "embedded" if any(o.startswith("mdanalysistests") for o in origins) else "remote"
+    )
     attrs = {
         "dataset": "pdb",
+        "source": source,  # as the SPICE and GEOM stores record theirs
         "units": {"pos": "nm"},
         "residue_alphabet": ONE_LETTER,
         "backend": cfg["backend"],
