@@ -148,6 +148,19 @@ def cmd_validate(a) -> None:
     )
 
 
+def cmd_config_docs(a) -> None:
+    from equipipe.config_docs import README, render_readme, write_readme
+
+    if a.write:
+        print(f"{README}: {'rewritten' if write_readme() else 'already up to date'}")
+    elif render_readme(README.read_text()) != README.read_text():
+        raise SystemExit(
+            f"{README} is out of date with the schema: run equipipe config-docs --write"
+        )
+    else:
+        print(f"{README}: up to date with the schema")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="equipipe",
@@ -267,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("validate-config", help="validate a config file against the schema")
     s.add_argument("config")
     s.set_defaults(fn=cmd_validate)
+
+    s = sub.add_parser(
+        "config-docs", help="check (or --write) config/README.md's key tables against the schema"
+    )
+    s.add_argument("--write", action="store_true", help="regenerate the tables in place")
+    s.set_defaults(fn=cmd_config_docs)
     return p
 
 

@@ -26,11 +26,11 @@ MODEL_SIZES: dict[str, tuple[str, ...]] = {
     "voxmol": ("tiny", "7M", "28M", "111M"),
 }
 TASK_DATASETS = {"forcefield": "spice", "flowmatching": "pdb", "denoising": "geom"}
-DATASET_SOURCES = {
-    "spice": ("embedded", "spice-2.0.1", "spice-1.1.4", "maceoff23"),
-    "pdb": ("embedded", "remote"),
-    "geom": ("embedded", "geom-rdkit", "midi"),
-}
+
+
+# EvalConfig.split's default (equipipe/train.py holds the train/eval defaults; a test keeps
+# this equal to it without importing torch at plan time).
+EVAL_SPLIT_DEFAULT = "val"
 
 
 class ConfigError(ValueError):
@@ -68,7 +68,8 @@ BLOCK_KINDS = (
 
 @functools.cache
 def _schema() -> dict:
-    return yaml.safe_load(SCHEMA.read_text())
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: planning stays fast
+    return yaml.load(SCHEMA.read_text(), Loader=loader)
 
 
 def schema() -> dict:
@@ -135,6 +136,15 @@ def allowed_keys(kind: str, name: str) -> list[str]:
     """Keys a config may set in one block (internal keys, set by the workflow, excluded)."""
     props = block_schema(kind, name).get("properties", {})
     return [k for k, v in props.items() if not v.get("x-internal")]
+
+
+def dataset_sources() -> dict[str, tuple[str, ...]]:
+    """Dataset name -> the sources the schema allows for it."""
+    defs = _schema()["$defs"]
+    return {
+        n: tuple(defs[f"dataset:{n}"]["properties"]["source"]["enum"])
+        for n in block_names("dataset")
+    }
 
 
 def dataset_defaults(name: str) -> dict[str, Any]:
@@ -226,12 +236,11 @@ def validate_block(value: Any, kind: str, name: str, where: str, *, fill: bool =
 def check_config(cfg: dict) -> dict:
     """Cross-references the schema cannot express; raises ConfigError naming key and allowed values."""
     datasets, tasks, exps = cfg["datasets"], cfg["tasks"], cfg["experiments"]
+    sources = dataset_sources()
     for name, ds in datasets.items():
-        allowed = DATASET_SOURCES.get(name)
+        allowed = sources.get(name)
         if allowed is None:
-            raise ConfigError(
-                f"datasets.{name}: unknown dataset; allowed: {', '.join(DATASET_SOURCES)}"
-            )
+            raise ConfigError(f"datasets.{name}: unknown dataset; allowed: {', '.join(sources)}")
         if ds["source"] not in allowed:
             raise ConfigError(
                 f"datasets.{name}.source: {ds['source']!r} is not allowed; allowed: {', '.join(allowed)}"
@@ -399,7 +408,7 @@ def _check_task_blocks(cfg: dict) -> None:
         used.add(e["task"])
         t = cfg["tasks"][e["task"]]
         ev = deep_merge(t.get("eval") or {}, e.get("eval") or {})
-        split = ev.get("split", "val")
+        split = ev.get("split", EVAL_SPLIT_DEFAULT)
         have = split_names(cfg, t["dataset"])
         if split not in have:
             src = (
@@ -444,11 +453,26 @@ def _check_analyses(cfg: dict) -> None:
                 raise ConfigError(
                     f"{where}.split: {split!r} is not a split of dataset {ds!r}; allowed: {', '.join(have)}"
                 )
-        elif kind == "efficiency" and len(a.get("experiments") or []) < 2:
-            raise ConfigError(
-                f"analyses.{name}.experiments: an efficiency analysis compares two experiments "
-                "(baseline, equivariant); list both"
-            )
+        elif kind == "efficiency":
+            exps = list(a.get("experiments") or [])
+            if len(exps) < 2:
+                raise ConfigError(
+                    f"analyses.{name}.experiments: an efficiency analysis compares two "
+                    "experiments (baseline, equivariant); list both"
+                )
+            spec = {**defaults("analysis", kind), **(a.get("spec") or {})}
+            for key in ("baseline", "equivariant"):
+                if spec[key] is not None and spec[key] not in exps:
+                    raise ConfigError(
+                        f"{where}.{key}: {spec[key]!r} is not one of analyses.{name}.experiments; "
+                        f"allowed: {', '.join(exps)}"
+                    )
+            have = sorted(set().union(*(metric_splits(cfg, e) for e in exps)))
+            if spec["split"] not in have:
+                raise ConfigError(
+                    f"{where}.split: {spec['split']!r} is not a split the experiments log; "
+                    f"allowed: {', '.join(have)}"
+                )
 
 
 def _check_figures(cfg: dict) -> None:
@@ -467,6 +491,33 @@ def _check_figures(cfg: dict) -> None:
                     f"allowed keys: {', '.join(allowed)}"
                 )
         validate_block(f.get("style") or {}, "figure_style", f["kind"], where)
+        for key in ("baseline", "equivariant"):
+            value = (f.get("style") or {}).get(key)
+            if value is not None and value not in f.get("experiments", []):
+                raise ConfigError(
+                    f"{where}.{key}: {value!r} is not one of figures.{name}.experiments; "
+                    f"allowed: {', '.join(f.get('experiments', []))}"
+                )
+        split = (f.get("style") or {}).get("split")
+        if split is not None and f.get("experiments"):
+            have = sorted(set().union(*(metric_splits(cfg, e) for e in f["experiments"])))
+            for value in [split] if isinstance(split, str) else split:
+                if value not in have:
+                    raise ConfigError(
+                        f"{where}.split: {value!r} is not a split the drawn experiments log; "
+                        f"allowed: {', '.join(have)}"
+                    )
+
+
+def metric_splits(cfg: dict, experiment: str) -> set[str]:
+    """Split labels of an experiment's metric rows: train, val and, for the denoising task, one
+    ``val_<mode>`` per evaluation mode (``equipipe.train`` labels the evaluated split ``val``)."""
+    e = cfg["experiments"][experiment]
+    out = {"train", "val"}
+    if task_kind(cfg, e["task"]) == "denoising":
+        modes = _merged_task_cfg(cfg, experiment).get("eval_modes")
+        out |= {f"val_{m}" for m in modes or defaults("task_cfg", "denoising")["eval_modes"]}
+    return out
 
 
 def load_config(path: Path) -> dict:

@@ -101,6 +101,37 @@ def test_adding_a_subset_schedules_only_what_uses_it(finished):
     assert set(jobs) <= {"collect", "archive_config", "all"}, jobs
 
 
+@pytest.mark.parametrize(
+    "block, key, value, expected",
+    [
+        # a preprocess filter: that dataset's preprocess and everything downstream of it
+        ("preprocess", "max_gradient", 0.9, {"preprocess": 1, "split": 1, "subset": 2, "train": 3}),
+        # a split setting: the split and downstream, never the (costly) preprocess
+        ("split", "seed", 1, {"split": 1, "subset": 2, "train": 3}),
+    ],
+)
+def test_changing_a_dataset_setting_reruns_only_what_depends_on_it(
+    finished, tmp_path, block, key, value, expected
+):
+    """From the dry run (rerun triggers include params): the changed dataset step and its
+    downstream jobs (2 subsets, 3 training runs, the 2 figures drawing them) are scheduled; the
+    embedded build is not, nor anything upstream of the changed step."""
+    cfg = yaml.safe_load((finished / "config.yaml").read_text())
+    cfg["datasets"]["spice"].setdefault(block, {})[key] = value
+    new = tmp_path / "wf"
+    shutil.copytree(finished, new, ignore=shutil.ignore_patterns(".snakemake"))
+    shutil.copytree(
+        finished / ".snakemake",
+        new / ".snakemake",
+        ignore=shutil.ignore_patterns("locks", "incomplete"),
+    )
+    (new / "config.yaml").write_text(yaml.safe_dump(cfg))
+    jobs = planned_jobs(snakemake(new, "-n", "--quiet", "rules"))
+    assert jobs.pop("figure") == 2, jobs
+    assert {k: jobs.pop(k, 0) for k in expected} == expected, jobs
+    assert set(jobs) <= {"collect", "archive_config", "all"}, jobs
+
+
 def test_bad_config_names_key_and_allowed_values(tmp_path):
     cfg = yaml.safe_load(TINY.read_text())
     cfg["tasks"]["forcefield"]["size"] = "9M"
