@@ -70,7 +70,7 @@ def test_miniature_plans_the_whole_grid(tmp_path):
 HDF5_SPLIT = {"fractions": {"train": 0.5, "val": 0.5}, "seed": 0}
 
 
-def run_grid(wd, spice_releases, geom_dir, spice_source: str = "maceoff23") -> dict:
+def run_grid(wd, spice_releases, spice_source: str = "maceoff23") -> dict:
     """Run the miniature paper grid in ``wd``: download -> ... -> figures, then report.zip.
 
     ``spice_source``: the paper's ``maceoff23`` (Apollo), ``spice-2.0.1`` / ``spice-1.1.4``
@@ -82,7 +82,7 @@ def run_grid(wd, spice_releases, geom_dir, spice_source: str = "maceoff23") -> d
     from tests.upstreams.zenodo import Zenodo
 
     root, pins = spice_releases
-    geom = geom_release.build(geom_dir)
+    geom = geom_release.cached()  # one build per test process, shared with srcb's tests
     source = spice_source.removesuffix("-local")
     with LoopbackServer() as server:
         spice_ds: dict = {"download": {"expected": pins[source]}}
@@ -148,7 +148,7 @@ def check_grid(wd, mini: dict) -> None:
 @pytest.fixture(scope="module")
 def paper_run(spice_releases, tmp_path_factory):
     wd = tmp_path_factory.mktemp("paper_miniature")
-    mini = run_grid(wd, spice_releases, tmp_path_factory.mktemp("paper_geom"))
+    mini = run_grid(wd, spice_releases)
     return wd, mini
 
 
@@ -164,5 +164,5 @@ def test_paper_grid_in_miniature_runs_to_the_report(paper_run):
 def test_paper_grid_in_miniature_per_spice_source(spice_releases, tmp_path, spice_source):
     wd = tmp_path / "wd"
     wd.mkdir()
-    mini = run_grid(wd, spice_releases, tmp_path / "geom", spice_source)
+    mini = run_grid(wd, spice_releases, spice_source)
     check_grid(wd, mini)
