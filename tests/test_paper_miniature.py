@@ -152,6 +152,7 @@ def paper_run(spice_releases, tmp_path_factory):
     return wd, mini
 
 
+@pytest.mark.timeout(1800)  # ~100 jobs: about 3 min on 2 idle cores, far more on a busy machine
 def test_paper_grid_in_miniature_runs_to_the_report(paper_run):
     wd, mini = paper_run
     assert pm.names(mini) == pm.names(pm.load_paper())
@@ -160,6 +161,7 @@ def test_paper_grid_in_miniature_runs_to_the_report(paper_run):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("spice_source", ["spice-2.0.1", "spice-1.1.4", "maceoff23-local"])
 def test_paper_grid_in_miniature_per_spice_source(spice_releases, tmp_path, spice_source):
     wd = tmp_path / "wd"
