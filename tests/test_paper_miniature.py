@@ -70,7 +70,7 @@ def test_miniature_plans_the_whole_grid(tmp_path):
 HDF5_SPLIT = {"fractions": {"train": 0.5, "val": 0.5}, "seed": 0}
 
 
-def run_grid(wd, spice_releases, geom_dir, spice_source: str = "maceoff23") -> dict:
+def run_grid(wd, spice_releases, spice_source: str = "maceoff23") -> dict:
     """Run the miniature paper grid in ``wd``: download -> ... -> figures, then report.zip.
 
     ``spice_source``: the paper's ``maceoff23`` (Apollo), ``spice-2.0.1`` / ``spice-1.1.4``
@@ -82,7 +82,7 @@ def run_grid(wd, spice_releases, geom_dir, spice_source: str = "maceoff23") -> d
     from tests.upstreams.zenodo import Zenodo
 
     root, pins = spice_releases
-    geom = geom_release.build(geom_dir)
+    geom = geom_release.cached()  # one build per test process, shared with srcb's tests
     source = spice_source.removesuffix("-local")
     with LoopbackServer() as server:
         spice_ds: dict = {"download": {"expected": pins[source]}}
@@ -142,16 +142,18 @@ def check_grid(wd, mini: dict) -> None:
     for ds, block in mini["datasets"].items():
         store = Store(wd / f"results/data/{ds}/store")
         assert len(store) > 0
-        assert store.meta["source"] == block["source"], ds
+        assert (wd / f"resources/{ds}/{block['source']}").is_dir(), ds  # the release's raw files
+        assert store.meta.get("source", block["source"]) == block["source"], ds
 
 
 @pytest.fixture(scope="module")
 def paper_run(spice_releases, tmp_path_factory):
     wd = tmp_path_factory.mktemp("paper_miniature")
-    mini = run_grid(wd, spice_releases, tmp_path_factory.mktemp("paper_geom"))
+    mini = run_grid(wd, spice_releases)
     return wd, mini
 
 
+@pytest.mark.timeout(1800)  # ~100 jobs: about 3 min on 2 idle cores, far more on a busy machine
 def test_paper_grid_in_miniature_runs_to_the_report(paper_run):
     wd, mini = paper_run
     assert pm.names(mini) == pm.names(pm.load_paper())
@@ -160,9 +162,10 @@ def test_paper_grid_in_miniature_runs_to_the_report(paper_run):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("spice_source", ["spice-2.0.1", "spice-1.1.4", "maceoff23-local"])
 def test_paper_grid_in_miniature_per_spice_source(spice_releases, tmp_path, spice_source):
     wd = tmp_path / "wd"
     wd.mkdir()
-    mini = run_grid(wd, spice_releases, tmp_path / "geom", spice_source)
+    mini = run_grid(wd, spice_releases, spice_source)
     check_grid(wd, mini)
