@@ -135,14 +135,32 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     raise ValueError(f"schedule={cfg.schedule!r}; allowed: 'constant', 'cosine'")
 
 
+def _adam_eps(eps: float) -> float:
+    """``eps: 0`` (VoxMol's AdamW) as the smallest normal float instead of 0.
+
+    With eps exactly 0, torch divides 0/0 for every element whose gradient has been exactly 0
+    so far (a NaN parameter at step 1, seen on the miniature paper grid). The smallest normal
+    float32 leaves every other update unchanged and gives those elements no update.
+    """
+    return eps if eps > 0 else float(torch.finfo(torch.float32).tiny)
+
+
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(
-            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+            params,
+            lr=cfg.lr,
+            betas=cfg.betas,
+            eps=_adam_eps(cfg.eps),
+            weight_decay=cfg.weight_decay,
         )
     if cfg.optimizer == "adam":
         return torch.optim.Adam(
-            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+            params,
+            lr=cfg.lr,
+            betas=cfg.betas,
+            eps=_adam_eps(cfg.eps),
+            weight_decay=cfg.weight_decay,
         )
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
