@@ -127,3 +127,30 @@ def test_errors_name_the_allowed_values():
     }
     with pytest.raises(ValueError, match=r"elements \[2\]"):
         model(batch)
+
+
+@pytest.mark.slow  # ~3 min wall on the loaded 2-core machine (data embedding + training)
+def test_trains_in_the_embedded_pipeline(tmp_path):
+    """A real Snakemake run of the tiny workflow config with the nequip model: embedded SPICE
+    data, the training rule, its metrics (held-out force error and equivariance share)."""
+    import polars as pl
+    import yaml
+
+    from .test_workflow import TINY, snakemake
+
+    cfg = yaml.safe_load(TINY.read_text())
+    ff = cfg["tasks"]["forcefield"]
+    ff.update(model="nequip", train={**ff["train"], "steps": 6})
+    ff["task_cfg"] = {**ff["task_cfg"], "model_overrides": SMALL}
+    cfg["experiments"] = {"ff_nequip": {"task": "forcefield", "subset": "all", "seeds": [0]}}
+    cfg["figures"] = {
+        "pct": {"kind": "pct_vs_step", "experiments": ["ff_nequip"], "caption": "nequip"}
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "results" / "runs" / "ff_nequip" / "seed0"
+    snakemake(tmp_path, "--cores", "2", str(run.relative_to(tmp_path) / "metrics.parquet"))
+    info = __import__("json").loads((run / "run.json").read_text())
+    assert info["task_state"]["model_stats"]["avg_num_neighbors"] > 1
+    m = pl.read_parquet(run / "metrics.parquet")
+    final = m.filter(pl.col("step") == m["step"].max())
+    assert final.height > 0 and final["value"].is_finite().all()
