@@ -154,3 +154,34 @@ def test_trains_in_the_embedded_pipeline(tmp_path):
     m = pl.read_parquet(run / "metrics.parquet")
     final = m.filter(pl.col("step") == m["step"].max())
     assert final.height > 0 and final["value"].is_finite().all()
+
+
+def test_tuning_config_plans_the_same_sweep_for_every_model(tmp_path):
+    """config/tuning.yaml over config/config.yaml plans one training job per (model, learning
+    rate, warm-up): >= 4 learning rates and the same grid for each model of the gap."""
+    import subprocess
+    import sys
+    from collections import defaultdict
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    sweep = yaml.safe_load((root / "config" / "tuning.yaml").read_text())["experiments"]
+    grids = defaultdict(set)
+    for exp in sweep.values():
+        grids[exp["model"]].add((exp["train"]["lr"], exp["train"]["warmup_steps"]))
+    assert set(grids) == {"escaip", "equivariant", "nequip"}
+    assert len({g for g in map(frozenset, grids.values())}) == 1  # the same budget
+    assert len({lr for lr, _ in grids["nequip"]}) >= 4
+    bin_dir = Path(sys.executable).parent
+    out = subprocess.run(
+        [str(bin_dir / "snakemake"), "-n", "-s", str(root / "workflow" / "Snakefile"),
+         "--directory", str(tmp_path), "--configfile", str(root / "config" / "config.yaml"),
+         str(root / "config" / "tuning.yaml")],
+        capture_output=True, text=True, env={**__import__("os").environ, "PATH": f"{bin_dir}:"
+         + __import__("os").environ["PATH"]}, check=True,
+    )  # fmt: skip
+    text = out.stdout + out.stderr
+    for name in sweep:
+        assert f"results/runs/{name}/seed0/metrics.parquet" in text, name
