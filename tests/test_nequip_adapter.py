@@ -129,7 +129,7 @@ def test_errors_name_the_allowed_values():
         model(batch)
 
 
-@pytest.mark.slow  # ~3 min wall on the loaded 2-core machine (data embedding + training)
+@pytest.mark.slow  # 33 s to 3 min wall, by machine load (data embedding + training)
 def test_trains_in_the_embedded_pipeline(tmp_path):
     """A real Snakemake run of the tiny workflow config with the nequip model: embedded SPICE
     data, the training rule, its metrics (held-out force error and equivariance share)."""
