@@ -23,6 +23,7 @@ SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 MODEL_SIZES: dict[str, tuple[str, ...]] = {
     "escaip": ("tiny", "1M", "4M", "6M"),
     "equivariant": ("tiny", "1M", "4M", "6M"),
+    "nequip": ("tiny", "1M", "4M", "6M"),
     "proteina": ("tiny", "60M", "400M"),
     "voxmol": ("tiny", "7M", "28M", "111M"),
 }
