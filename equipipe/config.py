@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 MODEL_SIZES: dict[str, tuple[str, ...]] = {
     "escaip": ("tiny", "1M", "4M", "6M"),
     "equivariant": ("tiny", "1M", "4M", "6M"),
+    "nequip": ("tiny", "1M", "4M", "6M"),
     "proteina": ("tiny", "60M", "400M"),
     "voxmol": ("tiny", "7M", "28M", "111M"),
 }
@@ -177,8 +179,9 @@ def _message(e, where: str) -> str:
     if e.validator == "required":
         return f"config key {path or '(top level)'}: {e.message}"
     hint = ""
-    if e.validator == "type" and isinstance(e.instance, str):
-        hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if _looks_numeric(e.instance) else ""
+    if e.validator == "type" and isinstance(e.instance, str) and _looks_numeric(e.instance):
+        text = e.instance.strip()
+        hint = f" (YAML reads {text} as text: write {yaml_number(text)})"
     return f"config key {path or '(top level)'}: {e.message}{hint}"
 
 
@@ -188,6 +191,16 @@ def _looks_numeric(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def yaml_number(text: str) -> str:
+    """How to write the number ``text`` so that YAML reads a number: a dot in the mantissa and
+    a signed exponent (``1e-3`` -> ``1.0e-3``, ``5e4`` -> ``5.0e+4``, ``1.0e3`` -> ``1.0e+3``)."""
+    m = re.fullmatch(r"([+-]?)(\d*)(?:\.(\d*))?[eE]([+-]?)(\d+)", text.strip())
+    if not m:
+        return repr(float(text))
+    sign, whole, frac, esign, exp = m.groups()
+    return f"{sign}{whole or '0'}.{frac or '0'}e{esign or '+'}{exp}"
 
 
 def _validator(schema_: dict, fill: bool):
@@ -472,6 +485,26 @@ def _check_analyses(cfg: dict) -> None:
                 raise ConfigError(
                     f"{where}.split: {spec['split']!r} is not a split the experiments log; "
                     f"allowed: {', '.join(have)}"
+                )
+        elif kind == "md":
+            exps = list(a.get("experiments") or [])
+            if not exps:
+                raise ConfigError(
+                    f"analyses.{name}.experiments: an md analysis reads the runs of the model "
+                    "under test (and of an e3nn floor); list them"
+                )
+            spec = {**defaults("analysis", kind), **(a.get("spec") or {})}
+            for key in ("model", "equivariant"):
+                if spec[key] is not None and spec[key] not in exps:
+                    raise ConfigError(
+                        f"{where}.{key}: {spec[key]!r} is not one of analyses.{name}.experiments; "
+                        f"allowed: {', '.join(exps)}"
+                    )
+            ds = dataset_of_experiment(cfg, spec["model"] or exps[0])
+            have = split_names(cfg, ds)
+            if spec["split"] not in have:
+                raise ConfigError(
+                    f"{where}.split: {spec['split']!r} is not a split of dataset {ds!r}; allowed: {', '.join(have)}"
                 )
 
 

@@ -1,11 +1,13 @@
 """One training loop for every task, with equivariance evaluation during training.
 
 The run writes its declared outputs (metrics.parquet, run.json, model.pt, early.pt) only at
-the end. Checkpoints and the partial metric table live in the UNDECLARED ``work/`` folder of
-the run directory, because Snakemake deletes declared outputs of failed jobs: a rerun after
-SIGKILL, SIGTERM or a crash finds ``work/`` and continues where the last checkpoint left off,
-with the same data order and the same evaluation rotations, so its metric table equals an
-uninterrupted run's (wall-clock columns aside).
+the end. The checkpoint ``work/ckpt.pt`` (model, optimiser, EMA, the metric rows logged so far
+and every random state, written as one atomic unit by :mod:`equipipe.checkpoint`) lives in the
+UNDECLARED ``work/`` folder of the run directory, because Snakemake deletes declared outputs of
+failed jobs: a rerun after SIGKILL, SIGTERM or a crash at any instant finds ``work/`` and
+continues where the last checkpoint left off, with the same data order, dropout draws and
+evaluation rotations, so its metric table and weights equal an uninterrupted run's bit for bit
+(wall-clock columns aside).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import platform
 import shutil
 import signal
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from equipipe import distributed as ddp
+from equipipe.checkpoint import atomic_save, rng_state, set_rng_state
 from equipipe.collect import METRICS_SCHEMA as METRIC_SCHEMA
 from equipipe.collect import METRICS_SCHEMA_VERSION
 from equipipe.equivariance import Decomposition, decompose, gradient_norms, head_deviation
@@ -68,6 +70,7 @@ class TrainConfig:
     sample_per_cluster: bool = False  # one random example per store key each epoch (Proteina)
     checkpoint_every: int = 200
     analysis_step: int = 500
+    keep_steps: list[int] = field(default_factory=list)  # named checkpoints/step<N>.pt
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -132,14 +135,32 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     raise ValueError(f"schedule={cfg.schedule!r}; allowed: 'constant', 'cosine'")
 
 
+def _adam_eps(eps: float) -> float:
+    """``eps: 0`` (VoxMol's AdamW) as the smallest normal float instead of 0.
+
+    With eps exactly 0, torch divides 0/0 for every element whose gradient has been exactly 0
+    so far (a NaN parameter at step 1, seen on the miniature paper grid). The smallest normal
+    float32 leaves every other update unchanged and gives those elements no update.
+    """
+    return eps if eps > 0 else float(torch.finfo(torch.float32).tiny)
+
+
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(
-            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+            params,
+            lr=cfg.lr,
+            betas=cfg.betas,
+            eps=_adam_eps(cfg.eps),
+            weight_decay=cfg.weight_decay,
         )
     if cfg.optimizer == "adam":
         return torch.optim.Adam(
-            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+            params,
+            lr=cfg.lr,
+            betas=cfg.betas,
+            eps=_adam_eps(cfg.eps),
+            weight_decay=cfg.weight_decay,
         )
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
@@ -241,9 +262,14 @@ class Trainer:
         return hashlib.sha256(json.dumps(self.spec, sort_keys=True).encode()).hexdigest()[:16]
 
     def save_checkpoint(self) -> None:
+        """Model, optimiser, EMA, metric rows and random states as ONE atomically replaced file.
+
+        The rows logged so far travel inside the checkpoint, so a resume continues with exactly
+        the rows of the checkpoint's step: a kill at any instant neither duplicates rows nor
+        leaves a half-written table (see :mod:`equipipe.checkpoint`).
+        """
         if not ddp.is_main():
             return
-        self.work.mkdir(parents=True, exist_ok=True)
         state = {
             "spec_hash": self.spec_hash(),
             "step": self.step,
@@ -253,22 +279,21 @@ class Trainer:
             "ema_updates": self.ema.updates if self.ema else 0,
             "train_seconds": self.train_seconds,
             "wall": self.wall_offset + time.perf_counter() - self.wall0,
+            "rng": rng_state(self.device),
+            "metrics": pl.DataFrame(self.rows, schema=METRIC_SCHEMA).to_dict(as_series=False),
         }
-        tmp = self.work / "ckpt.pt.tmp"
-        torch.save(state, tmp)
-        pl.DataFrame(self.rows, schema=METRIC_SCHEMA).write_parquet(
-            self.work / "metrics.partial.parquet"
-        )
-        os.replace(tmp, self.work / "ckpt.pt")
+        atomic_save(state, self.work / "ckpt.pt", self.step)
 
     def try_resume(self) -> bool:
         ckpt = self.work / "ckpt.pt"
         if not ckpt.exists():
             return False
         state = torch.load(ckpt, map_location=self.device, weights_only=True)
-        if state["spec_hash"] != self.spec_hash():
+        if state["spec_hash"] != self.spec_hash() or "metrics" not in state:
             print(
-                f"[train] {ckpt} belongs to another configuration; starting afresh", file=sys.stderr
+                f"[train] {ckpt} belongs to another configuration (or an older equipipe); "
+                "starting afresh",
+                file=sys.stderr,
             )
             shutil.rmtree(self.work)
             return False
@@ -280,7 +305,8 @@ class Trainer:
         self.step = int(state["step"])
         self.train_seconds = float(state["train_seconds"])
         self.wall_offset = float(state["wall"])
-        self.rows = pl.read_parquet(self.work / "metrics.partial.parquet").to_dicts()
+        self.rows = pl.DataFrame(state["metrics"], schema=METRIC_SCHEMA).to_dicts()
+        set_rng_state(state["rng"], self.device)
         print(f"[train] resumed from step {self.step} ({ckpt})", file=sys.stderr)
         return True
 
@@ -498,8 +524,13 @@ class Trainer:
                     self._row("train", "train_loss", loss)
                     self._row("train", "lr", lr_at(self.step - 1, cfg))
                 if self.step == cfg.analysis_step and ddp.is_main():
-                    self.work.mkdir(parents=True, exist_ok=True)
-                    torch.save(self.model.state_dict(), early_path)
+                    atomic_save(self.model.state_dict(), early_path)
+                if (
+                    self.step in cfg.keep_steps and ddp.is_main()
+                ):  # moved to checkpoints/ at the end
+                    atomic_save(
+                        self.model.state_dict(), self.work / f"checkpoints/step{self.step}.pt"
+                    )
                 if self.step in evals:
                     if ddp.is_main():
                         self.evaluate()
@@ -529,7 +560,15 @@ class Trainer:
         shutil.copyfile(early_path, self.out / "early.pt")
         if self.ema:
             torch.save(self.ema.model.state_dict(), self.out / "model_ema.pt")
+        kept = sorted(s for s in set(self.tcfg.keep_steps) if s <= self.tcfg.steps)
+        shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
+        (self.out / "checkpoints").mkdir()
+        for s in kept:
+            shutil.copyfile(
+                self.work / f"checkpoints/step{s}.pt", self.out / f"checkpoints/step{s}.pt"
+            )
         info = run_info(self)
+        info["checkpoints"] = {f"checkpoints/step{s}.pt": s for s in kept}
         (self.out / "run.json").write_text(json.dumps(info, indent=1, default=str))
         shutil.rmtree(self.work, ignore_errors=True)
 

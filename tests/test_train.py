@@ -14,6 +14,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from equipipe.checkpoint import checkpoint_step
 from equipipe.data import spice
 from equipipe.data.splits import write_split, write_subset
 from equipipe.train import TrainConfig, eval_steps, lr_at
@@ -78,16 +79,14 @@ def test_eval_schedule_and_lr():
 
 
 def test_sigterm_checkpoints_and_resume_equals_uninterrupted(tiny_store, tmp_path):
-    s = spec(steps=60)
+    s = spec(steps=30)
     ref = tmp_path / "ref"
     assert run_cli(s, tiny_store, ref).wait(timeout=600) == 0
     out = tmp_path / "run"
     p = run_cli(s, tiny_store, out, stderr=subprocess.PIPE, text=True)
-    partial = out / "work" / "metrics.partial.parquet"
+    ckpt = out / "work" / "ckpt.pt"
     deadline = time.time() + 300
-    while time.time() < deadline and not (
-        partial.exists() and pl.read_parquet(partial)["step"].max() >= 6
-    ):
+    while time.time() < deadline and (checkpoint_step(ckpt) or 0) < 6:
         time.sleep(0.1)
     p.send_signal(signal.SIGTERM)
     err = p.communicate(timeout=120)[1]
@@ -176,6 +175,21 @@ def test_ddp_two_ranks_on_cpu_match_single_process(tiny_store, tmp_path):
     loss = (pl.col("metric") == "train_loss") & (pl.col("step") == 1)
     assert a.filter(loss)["value"][0] == pytest.approx(b.filter(loss)["value"][0], rel=0.1)
     assert b.filter(pl.col("value").is_nan() & (pl.col("metric") == "pct")).height == 0
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adam"])
+def test_adam_eps_zero_leaves_zero_gradient_elements_finite(optimizer):
+    """VoxMol's AdamW(eps=0): an element with an exactly zero gradient must not become NaN."""
+    import torch
+
+    from equipipe.train import make_optimizer
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = make_optimizer([p], TrainConfig(optimizer=optimizer, lr=1e-3, eps=0.0, weight_decay=0.0))
+    p.grad = torch.tensor([1.0, 0.0, -2.0])
+    opt.step()
+    assert torch.isfinite(p).all() and p[1] == 1.0
+    assert torch.allclose(p[[0, 2]], torch.tensor([0.999, 1.001]))  # eps 0 elsewhere: lr steps
 
 
 def test_spectrum_rows_at_their_cadence_through_the_cli(tiny_store, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -15,6 +16,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
+
+from equipipe.checkpoint import checkpoint_step
 
 ROOT = Path(__file__).resolve().parent.parent
 SNAKEFILE = ROOT / "workflow" / "Snakefile"
@@ -92,6 +95,27 @@ def test_end_to_end_outputs_and_report(finished):
     assert "Nothing to be done" in out.stdout + out.stderr
 
 
+def test_named_checkpoints_and_md_analysis_through_snakemake(finished):
+    """train.keep_steps checkpoints are declared outputs; the md analysis reads them and its
+    table and figure reach the report."""
+    wd = finished
+    for d in (wd / "results/runs/ff_default/seed0", wd / "results/runs/ff_default/seed1",
+              wd / "results/runs/ff_c4/seed0"):  # fmt: skip
+        assert sorted(p.name for p in (d / "checkpoints").glob("*.pt")) == ["step2.pt", "step6.pt"]
+        info = json.loads((d / "run.json").read_text())
+        assert info["checkpoints"] == {"checkpoints/step2.pt": 2, "checkpoints/step6.pt": 6}
+    table = pl.read_parquet(wd / "results/analysis/ff_md/md.parquet")
+    raw = table.filter(pl.col("variant") == "raw").sort("seed", "step")
+    assert raw.select("seed", "step").rows() == [(0, 2), (0, 12), (1, 2), (1, 12)]
+    assert set(table["variant"]) == {"raw", "twirl_exact", "conservative"}
+    assert raw["pct"].null_count() == 0 and (raw["n_traj"] == 2).all()
+    assert {"d_5fs", "energy_drift", "angmom_drift", "n_blowups", "drift_symmetry"} <= set(
+        table.columns
+    )
+    assert "<th>d_5fs</th>" in (wd / "results/tables/ff_md.html").read_text()
+    assert (wd / "results/figures/md.png").stat().st_size > 1000
+
+
 def test_adding_a_subset_schedules_only_what_uses_it(finished):
     wd = finished
     cfg = yaml.safe_load((wd / "config.yaml").read_text())
@@ -111,20 +135,88 @@ def test_adding_a_subset_schedules_only_what_uses_it(finished):
     assert set(jobs) <= {"collect", "archive_config", "provenance", "headlines", "all"}, jobs
 
 
+def test_subset_counts_molecules_and_refuses_more_than_exists(finished):
+    """Through Snakemake: "2 molecules" is two molecules with all their training conformers;
+    a subset larger than the training split fails with the subset, unit and available count."""
+    wd = finished.parent / (finished.name + "_subsets")
+    shutil.copytree(finished, wd, ignore=shutil.ignore_patterns("locks", "incomplete"))
+    cfg = yaml.safe_load((wd / "config.yaml").read_text())
+    cfg["datasets"]["spice"]["subsets"] |= {
+        "m2": {"size": 2, "unit": "molecules"},
+        "big": {"size": 1000, "unit": "conformers"},
+    }
+    (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
+    data = wd / "results/data/spice"
+    snakemake(wd, "--cores", "1", str(data.relative_to(wd) / "subsets/m2.parquet"))
+    split = pl.read_parquet(data / "split.parquet").filter(pl.col("split") == "train")
+    ids = set(pl.read_parquet(data / "subsets/m2.parquet")["id"])
+    keys = set(split.filter(pl.col("id").is_in(list(ids)))["key"])
+    assert len(keys) == 2 and ids == set(split.filter(pl.col("key").is_in(list(keys)))["id"])
+    out = snakemake(
+        wd, "--cores", "1", str(data.relative_to(wd) / "subsets/big.parquet"), check=False
+    )
+    log = (wd / "logs/spice/subset_big.log").read_text()
+    assert out.returncode != 0 and not (data / "subsets/big.parquet").exists()
+    assert (
+        f"subset 'big' asks for 1000 conformers but the training split has only {split.height} conformers"
+        in log
+    )
+    assert "Traceback" not in log
+
+
+def test_changed_setting_reruns_dependents_with_short_reason_lines(finished):
+    """A changed setting reruns what depends on it; the dry run's reason lines name short
+    parameter files (equipipe.params), not the config or a training spec as JSON."""
+    wd = finished.parent / (finished.name + "_reasons")
+    shutil.copytree(finished, wd, ignore=shutil.ignore_patterns("locks", "incomplete"))
+    cfg = yaml.safe_load((wd / "config.yaml").read_text())
+    cfg["tasks"]["forcefield"]["train"]["lr"] = 2.0e-3
+    (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
+    out = snakemake(wd, "-n")
+    text = out.stdout + out.stderr
+    jobs = planned_jobs(out)
+    assert jobs.pop("train") == 3 and jobs.pop("archive_config") == 1  # every forcefield run
+    # and what reads the runs; no data job
+    assert set(jobs) <= {"figure", "collect", "provenance", "headlines", "all"}, jobs
+    reasons = [ln for ln in text.splitlines() if ln.strip().startswith("reason:")]
+    params = [ln for ln in reasons if "Params have changed" in ln]
+    assert len(params) == 4 and all(".snakemake/equipipe_params/" in ln for ln in params)
+    assert max(len(ln) for ln in params) < 400, max(params, key=len)
+    assert '"lr"' not in text and '"datasets"' not in text
+
+
 @pytest.mark.parametrize(
     "block, key, value, expected",
     [
         # a preprocess filter: that dataset's preprocess and everything downstream of it
-        ("preprocess", "max_gradient", 0.9, {"preprocess": 1, "split": 1, "subset": 2, "train": 3}),
+        (
+            "preprocess",
+            "max_gradient",
+            0.9,
+            {
+                "preprocess": 1,
+                "split": 1,
+                "subset": 2,
+                "train": 3,
+                "analyse": 1,
+                "analysis_table": 1,
+            },
+        ),
         # a split setting: the split and downstream, never the (costly) preprocess
-        ("split", "seed", 1, {"split": 1, "subset": 2, "train": 3}),
+        (
+            "split",
+            "seed",
+            1,
+            {"split": 1, "subset": 2, "train": 3, "analyse": 1, "analysis_table": 1},
+        ),
     ],
 )
 def test_changing_a_dataset_setting_reruns_only_what_depends_on_it(
     finished, tmp_path, block, key, value, expected
 ):
     """From the dry run (rerun triggers include params): the changed dataset step and its
-    downstream jobs (2 subsets, 3 training runs, the 2 figures drawing them) are scheduled; the
+    downstream jobs (2 subsets, 3 training runs, the md analysis and its table, the 4 figures
+    drawing them) are scheduled; the
     embedded build is not, nor anything upstream of the changed step."""
     cfg = yaml.safe_load((finished / "config.yaml").read_text())
     cfg["datasets"]["spice"].setdefault(block, {})[key] = value
@@ -137,7 +229,7 @@ def test_changing_a_dataset_setting_reruns_only_what_depends_on_it(
     )
     (new / "config.yaml").write_text(yaml.safe_dump(cfg))
     jobs = planned_jobs(snakemake(new, "-n", "--quiet", "rules"))
-    assert jobs.pop("figure") == 2, jobs
+    assert jobs.pop("figure") == 4, jobs
     assert {k: jobs.pop(k, 0) for k in expected} == expected, jobs
     assert set(jobs) <= {"collect", "archive_config", "provenance", "headlines", "all"}, jobs
 
@@ -187,10 +279,10 @@ def test_sigkill_then_rerun_incomplete_resumes_to_identical_metrics(finished, tm
          str(wd / "config.yaml"), "--cores", "1", "results/runs/ff_default/seed0/metrics.parquet"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
     )  # fmt: skip
-    ckpt = wd / "results/runs/ff_default/seed0/work/metrics.partial.parquet"
+    ckpt = wd / "results/runs/ff_default/seed0/work/ckpt.pt"
     deadline = time.time() + 240
     while time.time() < deadline:
-        if ckpt.exists() and pl.read_parquet(ckpt)["step"].max() >= 8:
+        if (checkpoint_step(ckpt) or 0) >= 8:
             break
         time.sleep(0.2)
     else:

@@ -50,6 +50,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from equipipe.errors import ActionableError
+
 __all__ = [
     "DownloadError",
     "RemoteFile",
@@ -70,11 +72,13 @@ _LOOPBACK_NAMES = {"localhost"}
 _HEX = re.compile(r"^[0-9a-f]+$")
 
 
-class DownloadError(RuntimeError):
+class DownloadError(ActionableError):
     """A download (or the metadata look-up before it) failed for good.
 
     ``url`` is the address concerned; nothing is left at the destination path.
     """
+
+    advice = "check the address and the network connection, then rerun the job"
 
     def __init__(self, message: str, *, url: str | None = None):
         super().__init__(message)
@@ -826,6 +830,8 @@ def _get_json(url: str, timeout: float, retries: int, backoff: float):
             try:
                 return json.loads(body)
             except ValueError as e:
+                if body.lstrip()[:1] == b"<":  # an HTML error page served with 200: retry
+                    raise _Transient(f"an HTML page instead of JSON: {body[:80]!r}") from e
                 raise _Fatal(f"response is not JSON: {body[:200]!r}") from e
         except _Fatal as e:
             raise DownloadError(f"metadata request {url} failed: {e}", url=url) from e
