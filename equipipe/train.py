@@ -1,20 +1,22 @@
 """One training loop for every task, with equivariance evaluation during training.
 
 The run writes its declared outputs (metrics.parquet, run.json, model.pt, early.pt) only at
-the end. Checkpoints and the partial metric table live in the UNDECLARED ``work/`` folder of
-the run directory, because Snakemake deletes declared outputs of failed jobs: a rerun after
-SIGKILL, SIGTERM or a crash finds ``work/`` and continues where the last checkpoint left off,
-with the same data order and the same evaluation rotations, so its metric table equals an
-uninterrupted run's (wall-clock columns aside).
+the end. The checkpoint ``work/ckpt.pt`` (model, optimiser, EMA, the metric rows logged so far
+and every random state, written as one atomic unit by :mod:`equipipe.checkpoint`) lives in the
+UNDECLARED ``work/`` folder of the run directory, because Snakemake deletes declared outputs of
+failed jobs: a rerun after SIGKILL, SIGTERM or a crash at any instant finds ``work/`` and
+continues where the last checkpoint left off, with the same data order, dropout draws and
+evaluation rotations, so its metric table and weights equal an uninterrupted run's bit for bit
+(wall-clock columns aside).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import math
-import os
 import platform
 import shutil
 import signal
@@ -30,10 +32,13 @@ import torch
 from torch import nn
 
 from equipipe import distributed as ddp
+from equipipe.checkpoint import atomic_save, rng_state, set_rng_state
 from equipipe.collect import METRICS_SCHEMA as METRIC_SCHEMA
+from equipipe.collect import METRICS_SCHEMA_VERSION
 from equipipe.equivariance import Decomposition, decompose, gradient_norms, head_deviation
 from equipipe.loader import RunData, step_generator
 from equipipe.so3 import haar_rotations
+from equipipe.spectrum_probe import SpectrumProbe, probe_layers, spectrum_due
 from equipipe.tasks import make_task
 from equipipe.tasks.base import Batch, Task, to_device
 
@@ -91,6 +96,13 @@ class EvalConfig:
     grad_norm_batches: int = 1
     device_strategy: str = "auto"
     seed: int = 12345
+    spectrum_every: int = 0  # per-irrep spectrum at every n-th evaluation (0: off)
+    spectrum_lmax: int = 4
+    spectrum_layers: list[str] | None = None  # None: the model's spectrum_layers
+
+    def __post_init__(self) -> None:
+        if self.spectrum_every > 0 and self.k < 3:
+            raise ValueError(f"eval.spectrum_every needs eval.k >= 3 rotations, got k={self.k}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EvalConfig:
@@ -249,9 +261,14 @@ class Trainer:
         return hashlib.sha256(json.dumps(self.spec, sort_keys=True).encode()).hexdigest()[:16]
 
     def save_checkpoint(self) -> None:
+        """Model, optimiser, EMA, metric rows and random states as ONE atomically replaced file.
+
+        The rows logged so far travel inside the checkpoint, so a resume continues with exactly
+        the rows of the checkpoint's step: a kill at any instant neither duplicates rows nor
+        leaves a half-written table (see :mod:`equipipe.checkpoint`).
+        """
         if not ddp.is_main():
             return
-        self.work.mkdir(parents=True, exist_ok=True)
         state = {
             "spec_hash": self.spec_hash(),
             "step": self.step,
@@ -261,22 +278,21 @@ class Trainer:
             "ema_updates": self.ema.updates if self.ema else 0,
             "train_seconds": self.train_seconds,
             "wall": self.wall_offset + time.perf_counter() - self.wall0,
+            "rng": rng_state(self.device),
+            "metrics": pl.DataFrame(self.rows, schema=METRIC_SCHEMA).to_dict(as_series=False),
         }
-        tmp = self.work / "ckpt.pt.tmp"
-        torch.save(state, tmp)
-        pl.DataFrame(self.rows, schema=METRIC_SCHEMA).write_parquet(
-            self.work / "metrics.partial.parquet"
-        )
-        os.replace(tmp, self.work / "ckpt.pt")
+        atomic_save(state, self.work / "ckpt.pt", self.step)
 
     def try_resume(self) -> bool:
         ckpt = self.work / "ckpt.pt"
         if not ckpt.exists():
             return False
         state = torch.load(ckpt, map_location=self.device, weights_only=True)
-        if state["spec_hash"] != self.spec_hash():
+        if state["spec_hash"] != self.spec_hash() or "metrics" not in state:
             print(
-                f"[train] {ckpt} belongs to another configuration; starting afresh", file=sys.stderr
+                f"[train] {ckpt} belongs to another configuration (or an older equipipe); "
+                "starting afresh",
+                file=sys.stderr,
             )
             shutil.rmtree(self.work)
             return False
@@ -288,7 +304,8 @@ class Trainer:
         self.step = int(state["step"])
         self.train_seconds = float(state["train_seconds"])
         self.wall_offset = float(state["wall"])
-        self.rows = pl.read_parquet(self.work / "metrics.partial.parquet").to_dicts()
+        self.rows = pl.DataFrame(state["metrics"], schema=METRIC_SCHEMA).to_dicts()
+        set_rng_state(state["rng"], self.device)
         print(f"[train] resumed from step {self.step} ({ckpt})", file=sys.stderr)
         return True
 
@@ -298,12 +315,13 @@ class Trainer:
     # --- evaluation -----------------------------------------------------------------
 
     def _row(self, split: str, metric: str, value: float, field: str | None = None,
-             t: float | None = None, n: int | None = None, unit: str | None = None) -> None:  # fmt: skip
+             t: float | None = None, n: int | None = None, unit: str | None = None,
+             ell: str | None = None, layer: str | None = None) -> None:  # fmt: skip
         self.rows.append({
             "step": self.step, "epoch": self.step / self.data.steps_per_epoch,
             "wall_s": self.wall_offset + time.perf_counter() - self.wall0, "split": split,
             "metric": metric, "field": field, "t": t, "value": float(value), "n_elements": n,
-            "unit": unit,
+            "unit": unit, "ell": ell, "layer": layer,
         })  # fmt: skip
 
     def _log_decomposition(self, split: str, f: str, t: float | None, d: Decomposition) -> None:
@@ -326,6 +344,7 @@ class Trainer:
         was_training = model.training
         model.eval()
         gen = torch.Generator().manual_seed(self.ecfg.seed)
+        spec = self._spectrum_probe()
         decs: dict[tuple[str, float | None, str], Decomposition] = {}
         acc: dict[tuple[str, float | None, str], list[tuple[float, int, str]]] = {}
         ema_acc: dict[tuple[str, float | None, str], list[tuple[float, int, str]]] = {}
@@ -338,9 +357,13 @@ class Trainer:
                 split, t = self._split_and_t(labels)
                 rotation_set = getattr(self.task, "rotation_set", None)
                 rotations = rotation_set(labels) if rotation_set else None
-                for f, d in decompose(
-                    model, self.task, view, self.ecfg.k, gen, self.ecfg.device_strategy, rotations
-                ).items():
+                with spec.recording(model) if spec else contextlib.nullcontext():
+                    record = spec.record if spec else None  # z and R, for the spectrum
+                    res = decompose(model, self.task, view, self.ecfg.k, gen,
+                                    self.ecfg.device_strategy, rotations, record)  # fmt: skip
+                if spec:
+                    spec.observe(split, t, view, rotations is not None)
+                for f, d in res.items():
                     key = (split, t, f)
                     decs[key] = decs[key] + d if key in decs else d
                 B = self.task.num_examples(view)
@@ -366,6 +389,8 @@ class Trainer:
                         grad_rows.setdefault((split, t, name), []).append(v)
         for (split, t, f), d in decs.items():
             self._log_decomposition(split, f, t, d)
+        for row in spec.rows(self.task.units) if spec else []:
+            self._row(**row)
         for table in (acc, ema_acc):
             for (split, t, name), vals in table.items():
                 n = sum(b for _, b, _ in vals)
@@ -378,6 +403,17 @@ class Trainer:
         if self.step == 0 and hasattr(self.task, "interpolation_floor"):
             self.log_interpolation_floor()
         model.train(was_training)
+
+    def _spectrum_probe(self) -> SpectrumProbe | None:
+        """A probe when this evaluation's step is due for the per-irrep spectrum (else None)."""
+        e = self.ecfg
+        if not spectrum_due(
+            self.step, eval_steps(self.tcfg.steps, e.every, e.early), e.spectrum_every
+        ):
+            return None
+        return SpectrumProbe(
+            self.task, e.spectrum_lmax, probe_layers(self.model, e.spectrum_layers)
+        )
 
     def log_interpolation_floor(self) -> None:
         """Resampling floor of continuous-rotation grid evaluation, logged once (model-free).
@@ -487,8 +523,7 @@ class Trainer:
                     self._row("train", "train_loss", loss)
                     self._row("train", "lr", lr_at(self.step - 1, cfg))
                 if self.step == cfg.analysis_step and ddp.is_main():
-                    self.work.mkdir(parents=True, exist_ok=True)
-                    torch.save(self.model.state_dict(), early_path)
+                    atomic_save(self.model.state_dict(), early_path)
                 if self.step in evals:
                     if ddp.is_main():
                         self.evaluate()
@@ -576,6 +611,7 @@ def run_info(tr: Trainer) -> dict[str, Any]:
             else f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
         ),
         "git_commit": _git_commit(),
+        "metrics_schema_version": METRICS_SCHEMA_VERSION,
         "versions": versions,
         "task_state": tr.task_state,
         "spec": spec,

@@ -14,6 +14,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from equipipe.checkpoint import checkpoint_step
 from equipipe.data import spice
 from equipipe.data.splits import write_split, write_subset
 from equipipe.train import TrainConfig, eval_steps, lr_at
@@ -78,16 +79,14 @@ def test_eval_schedule_and_lr():
 
 
 def test_sigterm_checkpoints_and_resume_equals_uninterrupted(tiny_store, tmp_path):
-    s = spec(steps=60)
+    s = spec(steps=30)
     ref = tmp_path / "ref"
     assert run_cli(s, tiny_store, ref).wait(timeout=600) == 0
     out = tmp_path / "run"
     p = run_cli(s, tiny_store, out, stderr=subprocess.PIPE, text=True)
-    partial = out / "work" / "metrics.partial.parquet"
+    ckpt = out / "work" / "ckpt.pt"
     deadline = time.time() + 300
-    while time.time() < deadline and not (
-        partial.exists() and pl.read_parquet(partial)["step"].max() >= 6
-    ):
+    while time.time() < deadline and (checkpoint_step(ckpt) or 0) < 6:
         time.sleep(0.1)
     p.send_signal(signal.SIGTERM)
     err = p.communicate(timeout=120)[1]
@@ -118,6 +117,8 @@ def test_outputs_and_metric_table(tiny_store, tmp_path):
         "value",
         "n_elements",
         "unit",
+        "ell",
+        "layer",
     ]
     pct = m.filter((pl.col("metric") == "pct") & (pl.col("field") == "forces"))
     assert pct["step"].to_list() == [0, 1, 2, 8, 16, 24]
@@ -189,3 +190,28 @@ def test_adam_eps_zero_leaves_zero_gradient_elements_finite(optimizer):
     opt.step()
     assert torch.isfinite(p).all() and p[1] == 1.0
     assert torch.allclose(p[[0, 2]], torch.tensor([0.999, 1.001]))  # eps 0 elsewhere: lr steps
+
+
+def test_spectrum_rows_at_their_cadence_through_the_cli(tiny_store, tmp_path):
+    """eval.spectrum_every: per-ℓ rows of outputs and probed layers, collected with ell/layer."""
+    from equipipe.collect import METRICS_SCHEMA_VERSION, read_metrics, read_run
+
+    s = spec(steps=4)
+    s["task_cfg"] = {"model": "equivariant", "model_overrides": {"mul": 4, "radial_hidden": 8}}
+    s["model"] = "equivariant"
+    s["eval"].update(spectrum_every=2, spectrum_lmax=3)
+    assert run_cli(s, tiny_store, tmp_path).wait(timeout=600) == 0
+    info = read_run(tmp_path)
+    assert info["metrics_schema_version"] == METRICS_SCHEMA_VERSION
+    m = read_metrics(tmp_path, info)
+    power = m.filter(pl.col("metric") == "spectrum_power")
+    assert sorted(power["step"].unique()) == [0, 2, 4]  # evaluations 0, 1, 2, 4: every 2nd + last
+    assert set(power["ell"]) == {"0", "1", "2", "3"} and set(power["field"]) == {"forces", "energy"}
+    share = m.filter(pl.col("metric").is_in(["layer_share", "layer_share_remainder"]))
+    assert set(share["layer"]) == {"blocks.0", "blocks.1"}
+    for (_, _), g in share.group_by("step", "layer"):
+        assert g["value"].sum() == pytest.approx(1.0, abs=1e-9)
+    # an exactly equivariant model: its forces' ℓ >= 1 power is rounding noise next to ℓ = 0
+    last = power.filter((pl.col("step") == 4) & (pl.col("field") == "forces"))
+    vals = dict(zip(last["ell"], last["value"]))
+    assert max(abs(vals[e]) for e in ("1", "2", "3")) < 1e-6 * vals["0"]
