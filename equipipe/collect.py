@@ -36,6 +36,7 @@ from equipipe.smoothing import DEFAULT_S, dip
 
 __all__ = [
     "METRICS_SCHEMA",
+    "METRICS_SCHEMA_VERSION",
     "STUDY_REF",
     "collect",
     "comparison_table",
@@ -57,7 +58,13 @@ METRICS_SCHEMA: dict[str, pl.DataType] = {
     "value": pl.Float64,
     "n_elements": pl.Int64,
     "unit": pl.String,
+    "ell": pl.String,  # irrep label of spectrum rows ("0".."lmax", A1..T2), else null (v2)
+    "layer": pl.String,  # probed module of hidden-feature rows, else null (v2)
 }
+# 1: the first ten columns; 2: adds the nullable ``ell`` and ``layer`` (tables of version 1
+# are read with both null). run.json records the version its metrics.parquet was written with.
+METRICS_SCHEMA_VERSION = 2
+NULLABLE_SINCE: dict[str, int] = {"ell": 2, "layer": 2}
 RUN_COLUMNS: dict[str, pl.DataType] = {
     "experiment": pl.String,
     "seed": pl.Int64,
@@ -204,6 +211,17 @@ def read_metrics(run_dir: Path, info: dict) -> pl.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: is {run_dir} a finished run directory?")
     df = pl.read_parquet(path)
+    version = int(info.get("metrics_schema_version", 1))
+    if version > METRICS_SCHEMA_VERSION:
+        raise ValueError(
+            f"{path} has metrics schema version {version}; this equipipe reads up to "
+            f"{METRICS_SCHEMA_VERSION}: update equipipe"
+        )
+    df = df.with_columns(
+        pl.lit(None, METRICS_SCHEMA[c]).alias(c)
+        for c, since in NULLABLE_SINCE.items()
+        if c not in df.columns and version < since
+    )
     absent = [c for c in METRICS_SCHEMA if c not in df.columns]
     if absent:
         raise ValueError(f"{path} lacks column(s) {absent} (see docs/CONTRACTS.md, Metrics table)")

@@ -232,6 +232,7 @@ def decompose(
     generator: torch.Generator | None,
     device_strategy: str = "auto",
     rotations: Tensor | None = None,
+    record: dict | None = None,
 ) -> dict[str, Decomposition]:
     """Forward-only decomposition of the squared error of every task field on one batch.
 
@@ -243,6 +244,9 @@ def decompose(
         generator: seeded CPU generator for the Haar rotations.
         device_strategy: "auto" (batched on CUDA, sequential on CPU), "batched", "sequential".
         rotations: optional (G, 3, 3) finite group applied to every example, exhaustively.
+        record: optional dict that receives what the decomposition was computed from, for
+            ``equipipe.spectrum`` (no extra forward passes): ``z`` (field -> (K, *shape)),
+            ``R`` (K, B, 3, 3) the per-example rotations, ``masks`` (field -> mask or absent).
 
     Returns:
         field -> Decomposition (sums over that field's elements, in the task's units).
@@ -253,6 +257,8 @@ def decompose(
         z = canonical_predictions(model, task, batch, R, device_strategy)
         y = task.target(batch)
     masks = task.element_mask(batch) or {}
+    if record is not None:
+        record.update(z=z, R=R, masks=masks)
     return {
         f: decomposition_from_predictions(z[f], y[f], rotations is not None, masks.get(f))
         for f in task.fields

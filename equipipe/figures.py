@@ -59,7 +59,11 @@ __all__ = [
 ]
 
 FORMATS = ("png", "pdf", "svg")
-PLUGIN_MODULES: tuple[str, ...] = ("equipipe.figures_analysis", "equipipe.efficiency")
+PLUGIN_MODULES: tuple[str, ...] = (
+    "equipipe.figures_analysis",
+    "equipipe.efficiency",
+    "equipipe.figures_spectrum",
+)
 
 KindFn = Callable[["FigureContext"], Figure]
 KINDS: dict[str, KindFn] = {}

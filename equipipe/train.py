@@ -10,6 +10,7 @@ uninterrupted run's (wall-clock columns aside).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -31,9 +32,11 @@ from torch import nn
 
 from equipipe import distributed as ddp
 from equipipe.collect import METRICS_SCHEMA as METRIC_SCHEMA
+from equipipe.collect import METRICS_SCHEMA_VERSION
 from equipipe.equivariance import Decomposition, decompose, gradient_norms, head_deviation
 from equipipe.loader import RunData, step_generator
 from equipipe.so3 import haar_rotations
+from equipipe.spectrum_probe import SpectrumProbe, probe_layers, spectrum_due
 from equipipe.tasks import make_task
 from equipipe.tasks.base import Batch, Task, to_device
 
@@ -91,6 +94,13 @@ class EvalConfig:
     grad_norm_batches: int = 1
     device_strategy: str = "auto"
     seed: int = 12345
+    spectrum_every: int = 0  # per-irrep spectrum at every n-th evaluation (0: off)
+    spectrum_lmax: int = 4
+    spectrum_layers: list[str] | None = None  # None: the model's spectrum_layers
+
+    def __post_init__(self) -> None:
+        if self.spectrum_every > 0 and self.k < 3:
+            raise ValueError(f"eval.spectrum_every needs eval.k >= 3 rotations, got k={self.k}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EvalConfig:
@@ -280,12 +290,13 @@ class Trainer:
     # --- evaluation -----------------------------------------------------------------
 
     def _row(self, split: str, metric: str, value: float, field: str | None = None,
-             t: float | None = None, n: int | None = None, unit: str | None = None) -> None:  # fmt: skip
+             t: float | None = None, n: int | None = None, unit: str | None = None,
+             ell: str | None = None, layer: str | None = None) -> None:  # fmt: skip
         self.rows.append({
             "step": self.step, "epoch": self.step / self.data.steps_per_epoch,
             "wall_s": self.wall_offset + time.perf_counter() - self.wall0, "split": split,
             "metric": metric, "field": field, "t": t, "value": float(value), "n_elements": n,
-            "unit": unit,
+            "unit": unit, "ell": ell, "layer": layer,
         })  # fmt: skip
 
     def _log_decomposition(self, split: str, f: str, t: float | None, d: Decomposition) -> None:
@@ -308,6 +319,7 @@ class Trainer:
         was_training = model.training
         model.eval()
         gen = torch.Generator().manual_seed(self.ecfg.seed)
+        spec = self._spectrum_probe()
         decs: dict[tuple[str, float | None, str], Decomposition] = {}
         acc: dict[tuple[str, float | None, str], list[tuple[float, int, str]]] = {}
         ema_acc: dict[tuple[str, float | None, str], list[tuple[float, int, str]]] = {}
@@ -320,9 +332,13 @@ class Trainer:
                 split, t = self._split_and_t(labels)
                 rotation_set = getattr(self.task, "rotation_set", None)
                 rotations = rotation_set(labels) if rotation_set else None
-                for f, d in decompose(
-                    model, self.task, view, self.ecfg.k, gen, self.ecfg.device_strategy, rotations
-                ).items():
+                with spec.recording(model) if spec else contextlib.nullcontext():
+                    record = spec.record if spec else None  # z and R, for the spectrum
+                    res = decompose(model, self.task, view, self.ecfg.k, gen,
+                                    self.ecfg.device_strategy, rotations, record)  # fmt: skip
+                if spec:
+                    spec.observe(split, t, view, rotations is not None)
+                for f, d in res.items():
                     key = (split, t, f)
                     decs[key] = decs[key] + d if key in decs else d
                 B = self.task.num_examples(view)
@@ -348,6 +364,8 @@ class Trainer:
                         grad_rows.setdefault((split, t, name), []).append(v)
         for (split, t, f), d in decs.items():
             self._log_decomposition(split, f, t, d)
+        for row in spec.rows(self.task.units) if spec else []:
+            self._row(**row)
         for table in (acc, ema_acc):
             for (split, t, name), vals in table.items():
                 n = sum(b for _, b, _ in vals)
@@ -360,6 +378,17 @@ class Trainer:
         if self.step == 0 and hasattr(self.task, "interpolation_floor"):
             self.log_interpolation_floor()
         model.train(was_training)
+
+    def _spectrum_probe(self) -> SpectrumProbe | None:
+        """A probe when this evaluation's step is due for the per-irrep spectrum (else None)."""
+        e = self.ecfg
+        if not spectrum_due(
+            self.step, eval_steps(self.tcfg.steps, e.every, e.early), e.spectrum_every
+        ):
+            return None
+        return SpectrumProbe(
+            self.task, e.spectrum_lmax, probe_layers(self.model, e.spectrum_layers)
+        )
 
     def log_interpolation_floor(self) -> None:
         """Resampling floor of continuous-rotation grid evaluation, logged once (model-free).
@@ -558,6 +587,7 @@ def run_info(tr: Trainer) -> dict[str, Any]:
             else f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
         ),
         "git_commit": _git_commit(),
+        "metrics_schema_version": METRICS_SCHEMA_VERSION,
         "versions": versions,
         "task_state": tr.task_state,
         "spec": spec,

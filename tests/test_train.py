@@ -118,6 +118,8 @@ def test_outputs_and_metric_table(tiny_store, tmp_path):
         "value",
         "n_elements",
         "unit",
+        "ell",
+        "layer",
     ]
     pct = m.filter((pl.col("metric") == "pct") & (pl.col("field") == "forces"))
     assert pct["step"].to_list() == [0, 1, 2, 8, 16, 24]
@@ -174,3 +176,28 @@ def test_ddp_two_ranks_on_cpu_match_single_process(tiny_store, tmp_path):
     loss = (pl.col("metric") == "train_loss") & (pl.col("step") == 1)
     assert a.filter(loss)["value"][0] == pytest.approx(b.filter(loss)["value"][0], rel=0.1)
     assert b.filter(pl.col("value").is_nan() & (pl.col("metric") == "pct")).height == 0
+
+
+def test_spectrum_rows_at_their_cadence_through_the_cli(tiny_store, tmp_path):
+    """eval.spectrum_every: per-ℓ rows of outputs and probed layers, collected with ell/layer."""
+    from equipipe.collect import METRICS_SCHEMA_VERSION, read_metrics, read_run
+
+    s = spec(steps=4)
+    s["task_cfg"] = {"model": "equivariant", "model_overrides": {"mul": 4, "radial_hidden": 8}}
+    s["model"] = "equivariant"
+    s["eval"].update(spectrum_every=2, spectrum_lmax=3)
+    assert run_cli(s, tiny_store, tmp_path).wait(timeout=600) == 0
+    info = read_run(tmp_path)
+    assert info["metrics_schema_version"] == METRICS_SCHEMA_VERSION
+    m = read_metrics(tmp_path, info)
+    power = m.filter(pl.col("metric") == "spectrum_power")
+    assert sorted(power["step"].unique()) == [0, 2, 4]  # evaluations 0, 1, 2, 4: every 2nd + last
+    assert set(power["ell"]) == {"0", "1", "2", "3"} and set(power["field"]) == {"forces", "energy"}
+    share = m.filter(pl.col("metric").is_in(["layer_share", "layer_share_remainder"]))
+    assert set(share["layer"]) == {"blocks.0", "blocks.1"}
+    for (_, _), g in share.group_by("step", "layer"):
+        assert g["value"].sum() == pytest.approx(1.0, abs=1e-9)
+    # an exactly equivariant model: its forces' ℓ >= 1 power is rounding noise next to ℓ = 0
+    last = power.filter((pl.col("step") == 4) & (pl.col("field") == "forces"))
+    vals = dict(zip(last["ell"], last["value"]))
+    assert max(abs(vals[e]) for e in ("1", "2", "3")) < 1e-6 * vals["0"]

@@ -67,7 +67,15 @@ def test_end_to_end_outputs_and_report(finished):
     assert set(pct["experiment"]) == {"ff_default", "ff_c4"}
     assert pct.filter(pl.col("step") > 0)["step"].min() <= 10  # the curve starts early on log axes
     assert set(pct["step"].unique()) == {0, 1, 2, 6, 12}
-    for fig in ("pct", "by_size"):
+    spec = m.filter(pl.col("metric") == "spectrum_power")  # eval.spectrum_every of ff_default
+    assert set(spec["experiment"]) == {"ff_default"} and set(spec["ell"]) == {
+        "0",
+        "1",
+        "2",
+        "3",
+        "4",
+    }
+    for fig in ("pct", "by_size", "spectrum"):
         for ext in ("png", "pdf", "svg"):
             assert (wd / f"results/figures/{fig}.{ext}").stat().st_size > 1000
     assert (wd / "results/paper_comparison.html").is_file()

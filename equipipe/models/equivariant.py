@@ -249,6 +249,7 @@ class EquivariantForceField(nn.Module):
             blocks.append(Interaction(irreps, self.irreps_sh, irreps_hidden, cfg))
             irreps = blocks[-1].irreps_out
         self.blocks = nn.ModuleList(blocks)
+        self.spectrum_layers = tuple(f"blocks.{i}" for i in range(cfg.layers))  # spectrum probe
         head = "1x0e + 1x1o" if cfg.forces == "direct" else "1x0e"
         self.head = o3.Linear(irreps, head)
         # Gradient mode: F_norm = -s dE_norm/dx, physical when s = σ_E / σ_F. The registry builds

@@ -264,6 +264,10 @@ class ForceHead(nn.Module):
 
 
 class EScAIP(nn.Module):
+    # The spectrum probe records no hidden layer: the backbone sees only invariants, so every
+    # node and edge feature is exactly ℓ = 0 by construction (the figures say so).
+    spectrum_layers: tuple[str, ...] = ()
+
     def __init__(self, cfg: EScAIPConfig):
         super().__init__()
         self.cfg = cfg

@@ -265,6 +265,13 @@ class Proteina(nn.Module):
         n_updates = len(range(0, cfg.n_layers, cfg.tri_every)) if cfg.tri_every else 0
         self.pair_updates = nn.ModuleList(PairUpdate(cfg) for _ in range(n_updates))
         self.decoder = Decoder(d)
+        # hidden features probed by equipipe.spectrum_probe (eval.spectrum_layers overrides):
+        # the raw-coordinate token embedding, every trunk block, the decoder's (velocity) output
+        self.spectrum_layers = (
+            "embed_xt",
+            *(f"blocks.{i}" for i in range(cfg.n_layers)),
+            "decoder",
+        )
 
     def forward(
         self,

@@ -144,6 +144,9 @@ class VoxMolUNet(nn.Module):
         assert not skips and c == cfg.base
         self.head_norm = nn.GroupNorm(group_count(c, cfg.max_groups), c)
         self.head = nn.Conv3d(c, cfg.in_channels, 3, padding=1)
+        # full-resolution maps probed by equipipe.spectrum_probe (coarse levels are off-centre):
+        # the stem, the first encoder stage and the last decoder stage
+        self.spectrum_layers = ("stem", "down.0", f"up.{len(self.up) - 1}")
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.stem(x)

@@ -1,0 +1,189 @@
+"""Figure kinds of the per-irrep spectrum (``equipipe.spectrum``): which ℓ carries the error.
+
+Registered with ``equipipe.figures.register_kind`` (listed in ``figures.PLUGIN_MODULES``).
+
+``spectrum_by_ell`` (style keys: ``field``, ``split``, ``t`` (flow times to show; default all),
+``xscale`` ("log"), ``ymin``, ``ncols``): per experiment (and flow time) the equivariance error's
+power in each irrep against step, STACKED on a log axis: ℓ = 1..ℓmax in colour, the remainder
+above ℓmax in grey (octahedral evaluation: A2, E, T1, T2), seed-averaged; the black line is the
+unbiased equivariance error E_unb of the same evaluations, which the stack sums to (negative
+estimates, possible for tiny powers, are drawn as zero). A note names the ℓ carrying most of the
+error at the first and the last evaluation.
+
+``layer_spectrum`` (style keys: ``t`` (one flow time; default the middle one), ``split``,
+``vmin`` (1e-4)): one heatmap per probed layer: evaluation step (columns) by ℓ (rows,
+"rem" = above ℓmax), colour = share of the layer output's power, log colour scale. An
+experiment without probed layers gets a note instead of zeros: the EScAIP-like backbone sees
+only invariant geometry, so its layers are ℓ = 0 by construction.
+"""
+
+from __future__ import annotations
+
+import matplotlib
+import numpy as np
+import polars as pl
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+
+from equipipe.figures import (
+    FigureContext,
+    _apply_axes,
+    _legend,
+    _new_figure,
+    _no_data,
+    _t_label,
+    _title,
+    _ts,
+    register_kind,
+)
+
+INVARIANT_BY_CONSTRUCTION = {
+    "escaip": (
+        "EScAIP-like backbone: it sees only distances, angles and atom types,\n"
+        "so every hidden layer is invariant by construction (all power in ℓ = 0).\n"
+        "No layer is probed; only the direct force head breaks equivariance."
+    ),
+}
+OCT_ERROR = ("A2", "E", "T1", "T2")
+
+
+def _ell_key(label: str) -> tuple[int, str]:
+    return (int(label), "") if label.isdigit() else (99, label)
+
+
+def _seed_mean(df: pl.DataFrame, by: list[str]) -> pl.DataFrame:
+    """Mean over seeds of ``value`` per ``by`` (+ step), sorted by step."""
+    return (
+        df.group_by("seed", *by, "step")
+        .agg(pl.col("value").mean())
+        .group_by(*by, "step")
+        .agg(pl.col("value").mean())
+        .sort("step")
+    )
+
+
+def _field_rows(ctx: FigureContext, exp: str, metric: str) -> pl.DataFrame:
+    df = ctx.rows(exp, metric)
+    return df if "ell" in df.columns else df.clear()
+
+
+def _dominant(parts: dict[str, np.ndarray], i: int) -> str:
+    vals = {k: v[i] for k, v in parts.items() if np.isfinite(v[i])}
+    return max(vals, key=vals.get) if vals else "?"
+
+
+@register_kind("spectrum_by_ell")
+def spectrum_by_ell(ctx: FigureContext) -> Figure:
+    """Stacked per-irrep power of the equivariance error against step, per experiment and t."""
+    panels = []
+    for exp in ctx.experiments:
+        power = _field_rows(ctx, exp, "spectrum_power")
+        for t in _ts(power, ctx) if power.height else [None]:
+            panels.append((exp, t))
+    fig, axs = _new_figure(ctx, len(panels))
+    logx = ctx.opt("xscale", "log") == "log"
+    for ax, (exp, t) in zip(axs, panels):
+        power = _field_rows(ctx, exp, "spectrum_power")
+        title = ctx.label(exp) + (f", {_t_label(t)}" if t is not None else "")
+        ax.set_title(title)
+        if power.height == 0:
+            _no_data(ax, f"{exp}: no spectrum rows (eval.spectrum_every is 0)")
+            continue
+        sel = power.filter(pl.col("t").is_null() if t is None else pl.col("t") == t)
+        rem = _field_rows(ctx, exp, "spectrum_remainder")
+        rem = rem.filter(pl.col("t").is_null() if t is None else pl.col("t") == t)
+        equiv = ctx.rows(exp, "equiv_unbiased", split=sel.get_column("split")[0])
+        equiv = equiv.filter(pl.col("t").is_null() if t is None else pl.col("t") == t)
+        labels = sorted(sel.get_column("ell").unique().to_list(), key=_ell_key)
+        octa = set(labels) >= set(OCT_ERROR)
+        error_labels = [lab for lab in labels if (lab in OCT_ERROR if octa else lab != "0")]
+        mean = _seed_mean(sel, ["ell"])
+        steps = np.array(sorted(mean.get_column("step").unique().to_list()), dtype=float)
+        parts: dict[str, np.ndarray] = {}
+        for lab in error_labels:
+            g = mean.filter(pl.col("ell") == lab)
+            parts[f"ℓ = {lab}" if lab.isdigit() else lab] = np.interp(
+                steps, g.get_column("step").to_numpy(), g.get_column("value").to_numpy()
+            )
+        if rem.height:
+            g = _seed_mean(rem, [])
+            parts["> ℓmax"] = np.interp(
+                steps, g.get_column("step").to_numpy(), g.get_column("value").to_numpy()
+            )
+        keep = steps > 0 if logx else np.ones_like(steps, dtype=bool)
+        x = steps[keep]
+        cmap = matplotlib.colormaps["viridis"]
+        n = max(len(parts) - (1 if "> ℓmax" in parts else 0), 1)
+        base = np.zeros_like(x)
+        for i, (name, v) in enumerate(parts.items()):
+            top = base + np.clip(v[keep], 0, None)
+            color = "0.75" if name == "> ℓmax" else cmap(0.1 + 0.8 * i / max(n - 1, 1))
+            ax.fill_between(x, base, top, color=color, alpha=0.9, lw=0, label=name)
+            base = top
+        if equiv.height:
+            e = _seed_mean(equiv, [])
+            ex, ev = e.get_column("step").to_numpy(), e.get_column("value").to_numpy()
+            ok = ex > 0 if logx else np.ones_like(ex, dtype=bool)
+            ax.plot(ex[ok], ev[ok], color="black", lw=1.2, label="$E_{unb}$ (decomposition)")
+        unit = sel.get_column("unit").drop_nulls()
+        ylabel = "Equivariance error per element" + (f" ({unit[0]})" if len(unit) else "")
+        _apply_axes(ax, ctx, xscale="log", yscale="log", xlabel="Training step", ylabel=ylabel)
+        top_vals = base[base > 0]
+        if top_vals.size and ctx.style.get("ymin") is None:
+            ax.set_ylim(bottom=max(top_vals.min() * 0.3, top_vals.max() * 1e-5))
+        if len(steps) and parts:
+            first, last = _dominant(parts, 0), _dominant(parts, len(steps) - 1)
+            ax.text(0.02, 0.03, f"largest: {first} at step {int(steps[0])}; {last} at step "
+                    f"{int(steps[-1])}", transform=ax.transAxes, fontsize=8, color="0.25")  # fmt: skip
+        _legend(ax, ctx, fontsize=7.5, ncols=2)
+    _title(fig, ctx, "Equivariance error by irreducible representation")
+    return fig
+
+
+@register_kind("layer_spectrum")
+def layer_spectrum(ctx: FigureContext) -> Figure:
+    """Heatmaps of each probed layer's share of feature power per ℓ against step."""
+    panels: list[tuple[str, str | None]] = []
+    for exp in ctx.experiments:
+        df = ctx.metrics.filter((pl.col("experiment") == exp) & (pl.col("metric") == "layer_share"))
+        layers = df.get_column("layer").unique(maintain_order=True).to_list() if df.height else []
+        panels += [(exp, layer) for layer in layers] or [(exp, None)]
+    fig, axs = _new_figure(ctx, len(panels), ncols=int(ctx.opt("ncols", 2)))
+    vmin = float(ctx.opt("vmin", 1e-4))
+    norm = LogNorm(vmin=vmin, vmax=1.0)
+    image = None
+    for ax, (exp, layer) in zip(axs, panels):
+        ax.grid(False)
+        if layer is None:
+            model = str(ctx.run_info(exp).get("model", ""))
+            note = INVARIANT_BY_CONSTRUCTION.get(model, f"{exp}: no probed layers")
+            ax.set_axis_off()
+            ax.text(0.5, 0.5, f"{ctx.label(exp)}\n\n{note}", ha="center", va="center",
+                    fontsize=9, transform=ax.transAxes, wrap=True)  # fmt: skip
+            continue
+        df = ctx.metrics.filter(
+            (pl.col("experiment") == exp) & (pl.col("layer") == layer)
+            & pl.col("metric").is_in(["layer_share", "layer_share_remainder"])
+        )  # fmt: skip
+        ts = _ts(df)
+        want = ctx.style.get("t")
+        t = want if want is not None else (ts[len(ts) // 2] if ts else None)
+        df = df.filter(pl.col("t").is_null() if t is None else (pl.col("t") - t).abs() < 1e-9)
+        df = df.with_columns(pl.col("ell").fill_null("rem"))
+        mean = _seed_mean(df, ["ell"])
+        steps = sorted(mean.get_column("step").unique().to_list())
+        labels = sorted(mean.get_column("ell").unique().to_list(), key=_ell_key)
+        grid = np.full((len(labels), len(steps)), np.nan)
+        for ell, step, v in mean.select("ell", "step", "value").iter_rows():
+            grid[labels.index(ell), steps.index(step)] = v
+        image = ax.imshow(np.clip(grid, vmin, 1.0), aspect="auto", origin="lower", norm=norm,
+                          cmap="magma", interpolation="nearest")  # fmt: skip
+        ax.set_yticks(range(len(labels)), [f"ℓ={x}" if x.isdigit() else "> ℓmax" for x in labels])
+        every = max(1, len(steps) // 8)
+        ax.set_xticks(range(0, len(steps), every), [str(s) for s in steps[::every]], fontsize=7.5)
+        ax.set_xlabel("Evaluation step")
+        ax.set_title(f"{ctx.label(exp)}: {layer}" + (f" ({_t_label(t)})" if t is not None else ""))
+    if image is not None:
+        fig.colorbar(image, ax=axs, shrink=0.8, label="Share of the layer's feature power")
+    _title(fig, ctx, "Angular content of hidden features per layer")
+    return fig
