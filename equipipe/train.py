@@ -33,7 +33,7 @@ from torch import nn
 from equipipe import distributed as ddp
 from equipipe.collect import METRICS_SCHEMA as METRIC_SCHEMA
 from equipipe.collect import METRICS_SCHEMA_VERSION
-from equipipe.equivariance import Decomposition, decompose, gradient_norms, head_deviation
+from equipipe.equivariance import Decomposition, evaluate_view, head_deviation, no_grad
 from equipipe.loader import RunData, step_generator
 from equipipe.so3 import haar_rotations
 from equipipe.spectrum_probe import SpectrumProbe, probe_layers, spectrum_due
@@ -351,34 +351,34 @@ class Trainer:
                 split, t = self._split_and_t(labels)
                 rotation_set = getattr(self.task, "rotation_set", None)
                 rotations = rotation_set(labels) if rotation_set else None
+                grads = bi < self.ecfg.grad_norm_batches and rotations is None
                 with (
                     timer("eval_decomposition"),
                     spec.recording(model) if spec else contextlib.nullcontext(),
                 ):
                     record = spec.record if spec else None  # z and R, for the spectrum
-                    res = decompose(model, self.task, view, self.ecfg.k, gen,
-                                    self.ecfg.device_strategy, rotations, record)  # fmt: skip
+                    res = evaluate_view(model, self.task, view, self.ecfg.k, gen,
+                                        self.ecfg.device_strategy, rotations, record,
+                                        gradients=grads, plain=t not in seen)  # fmt: skip
                 if spec:
                     with timer("eval_spectrum"):
                         spec.observe(split, t, view, rotations is not None)
-                for f, d in res.items():
+                for f, d in res.decompositions.items():
                     key = (split, t, f)
                     decs[key] = decs[key] + d if key in decs else d
                 B = self.task.num_examples(view)
                 if t not in seen:
-                    with timer("eval_accuracy"), torch.no_grad():
-                        seen[t] = self.task.accuracy(self.task.predict(model, view), view)
+                    with timer("eval_accuracy"), no_grad(model):
+                        seen[t] = self.task.accuracy(res.prediction, view)
                         if self.ema:
                             ema_pred = self.task.predict(self.ema.model, view)
                             for name, (v, unit) in self.task.accuracy(ema_pred, view).items():
                                 ema_acc.setdefault(("val_ema", t, name), []).append((v, B, unit))
                 for name, (v, unit) in seen[t].items():
                     acc.setdefault((split, t, name), []).append((v, B, unit))
-                if bi < self.ecfg.grad_norm_batches and rotations is None:
-                    ggen = step_generator(self.ecfg.seed, bi, 7)
+                if grads:
                     with timer("eval_gradient_norms"):
-                        norms = gradient_norms(model, self.task, view, self.ecfg.k, ggen,
-                                               device_strategy=self.ecfg.device_strategy)  # fmt: skip
+                        norms = res.gradient_norms()
                     for name, v in norms.items():
                         grad_rows.setdefault((split, t, name), []).append(v)
         with timer("eval_spectrum"):
