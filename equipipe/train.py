@@ -352,6 +352,8 @@ class Trainer:
                 rotation_set = getattr(self.task, "rotation_set", None)
                 rotations = rotation_set(labels) if rotation_set else None
                 grads = bi < self.ecfg.grad_norm_batches and rotations is None
+                # the plain forward rides along unless hooks are recording hidden layers
+                plain = t not in seen and not (spec and spec.layers)
                 with (
                     timer("eval_decomposition"),
                     spec.recording(model) if spec else contextlib.nullcontext(),
@@ -359,7 +361,7 @@ class Trainer:
                     record = spec.record if spec else None  # z and R, for the spectrum
                     res = evaluate_view(model, self.task, view, self.ecfg.k, gen,
                                         self.ecfg.device_strategy, rotations, record,
-                                        gradients=grads, plain=t not in seen)  # fmt: skip
+                                        gradients=grads, plain=plain)  # fmt: skip
                 if spec:
                     with timer("eval_spectrum"):
                         spec.observe(split, t, view, rotations is not None)
@@ -369,7 +371,8 @@ class Trainer:
                 B = self.task.num_examples(view)
                 if t not in seen:
                     with timer("eval_accuracy"), no_grad(model):
-                        seen[t] = self.task.accuracy(res.prediction, view)
+                        pred = res.prediction or self.task.predict(model, view)
+                        seen[t] = self.task.accuracy(pred, view)
                         if self.ema:
                             ema_pred = self.task.predict(self.ema.model, view)
                             for name, (v, unit) in self.task.accuracy(ema_pred, view).items():
