@@ -216,7 +216,7 @@ def canonical_predictions(
     """Canonicalised predictions of every field for rotations R (K, B, 3, 3).
 
     A task may share work across the K rotations where the maths allows: when it has
-    ``shared_rotated_predictions(model, batch, R)`` and that returns a result (e.g. the force
+    ``shared_rotated_predictions(model, batch, R, plain)`` and that returns a result (e.g. the force
     field with a model whose trunk is rotation invariant: one trunk pass, K cheap heads), that
     is used instead of K forwards (``device_strategy`` then does not apply).
 
@@ -231,7 +231,7 @@ def canonical_predictions(
     device = next(iter(batch.values())).device
     R = R.to(device)
     shared = getattr(task, "shared_rotated_predictions", None)
-    out = shared(model, batch, R) if shared is not None else None
+    out = shared(model, batch, R, plain) if shared is not None else None
     if out is not None:
         z, pred = out
         return (z, pred) if plain else z

@@ -113,8 +113,8 @@ class ForceFieldTask:
         }
 
     def shared_rotated_predictions(
-        self, model: nn.Module, batch: Batch, R: Tensor
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]] | None:
+        self, model: nn.Module, batch: Batch, R: Tensor, plain: bool = True
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None] | None:
         """Canonicalised predictions of K rotated copies sharing one pass, when the model can.
 
         For a model with ``forward_rotated`` (an invariant trunk, e.g. the EScAIP-like model;
