@@ -212,6 +212,7 @@ def canonical_predictions(
     R: Tensor,
     device_strategy: str = "auto",
     plain: bool = False,
+    probed: list[str] | None = None,
 ) -> dict[str, Tensor] | tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Canonicalised predictions of every field for rotations R (K, B, 3, 3).
 
@@ -223,6 +224,9 @@ def canonical_predictions(
     Args:
         plain: also return the unrotated prediction ``task.predict(model, batch)`` (for the
             accuracy), from the same pass where possible.
+        probed: module names whose outputs hooks record per forward (the spectrum probe): the
+            shared pass is used only when the model runs each of them once per copy (its
+            ``per_copy_modules``), so the hooks still see K copies.
 
     Returns:
         field -> (K, *shape) stack of g_k^-1 f(g_k x); with ``plain``, (that, prediction).
@@ -231,6 +235,9 @@ def canonical_predictions(
     device = next(iter(batch.values())).device
     R = R.to(device)
     shared = getattr(task, "shared_rotated_predictions", None)
+    per_copy = tuple(getattr(model, "per_copy_modules", ()))
+    if probed and not all(any(n == p or n.startswith(p + ".") for p in per_copy) for n in probed):
+        shared = None
     out = shared(model, batch, R, plain) if shared is not None else None
     if out is not None:
         z, pred = out
@@ -279,8 +286,9 @@ def decompose(
     """
     B = task.num_examples(batch)
     R = example_rotations(B, k, generator, rotations)
+    probed = record.get("layers") if record is not None else None
     with no_grad(model):
-        z = canonical_predictions(model, task, batch, R, device_strategy)
+        z = canonical_predictions(model, task, batch, R, device_strategy, probed=probed)
         y = task.target(batch)
     return _decompositions(task, batch, z, y, R, rotations is not None, record)
 
@@ -342,8 +350,9 @@ def evaluate_view(
     """
     B = task.num_examples(batch)
     R = example_rotations(B, k, generator, rotations)
+    probed = record.get("layers") if record is not None else None
     with torch.enable_grad() if gradients else no_grad(model):
-        out = canonical_predictions(model, task, batch, R, device_strategy, plain=plain)
+        out = canonical_predictions(model, task, batch, R, device_strategy, plain, probed)
     z, pred = out if plain else (out, None)
     with no_grad(model):
         y = task.target(batch)

@@ -279,6 +279,8 @@ class Proteina(nn.Module):
         n_updates = len(range(0, cfg.n_layers, cfg.tri_every)) if cfg.tri_every else 0
         self.pair_updates = nn.ModuleList(PairUpdate(cfg) for _ in range(n_updates))
         self.decoder = Decoder(d)
+        # modules forward_rotated runs once per rotated copy (the spectrum probe may hook them)
+        self.per_copy_modules = ("embed_xt", "blocks", "decoder")
         # hidden features probed by equipipe.spectrum_probe (eval.spectrum_layers overrides):
         # the raw-coordinate token embedding, every trunk block, the decoder's (velocity) output
         self.spectrum_layers = (
