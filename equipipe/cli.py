@@ -129,6 +129,37 @@ def cmd_table(a) -> None:
     write_html_tables(Path(a.folder), Path(a.out), a.title)
 
 
+def cmd_provenance(a) -> None:
+    from equipipe.provenance import write_provenance
+
+    write_provenance(
+        Path(a.out),
+        Path(a.html) if a.html else None,
+        [Path(r) for r in a.runs or []],
+        _json(a.datasets),
+        Path(a.lock) if a.lock else None,
+        Path(a.repo) if a.repo else Path(a.lock or "lock/x").resolve().parent.parent,
+    )
+
+
+def cmd_headlines(a) -> None:
+    from equipipe.headlines import write_headlines
+
+    write_headlines([Path(r) for r in a.runs], Path(a.out))
+
+
+def cmd_archive(a) -> None:
+    from equipipe.archive import write_archive
+
+    print(write_archive(Path(a.out), Path(a.repo), [Path(f) for f in a.include or []]))
+
+
+def cmd_diff_reports(a) -> None:
+    from equipipe.diffreports import diff_main
+
+    raise SystemExit(diff_main(a.a, a.b, a.threshold, Path(a.out) if a.out else None))
+
+
 def cmd_model_info(a) -> None:
     from equipipe.models.registry import model_info_rows
 
@@ -273,6 +304,56 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--title", default="")
     s.set_defaults(fn=cmd_table)
+
+    s = sub.add_parser(
+        "provenance", help="results/provenance.json: code, environment, machine, runs, data"
+    )
+    s.add_argument("--runs", nargs="*", help="run folders (their run.json)")
+    s.add_argument(
+        "--datasets", default="{}", help='JSON {name: {"source", "store", "raw"}} of the data used'
+    )
+    s.add_argument("--lock", default=None, help="the lock file (lock/requirements.txt)")
+    s.add_argument(
+        "--repo",
+        default=None,
+        help="the code's folder: git repository or unpacked archive (default: the lock's "
+        "folder's parent)",
+    )
+    s.add_argument("--out", required=True, help="provenance.json")
+    s.add_argument("--html", default=None, help="the report's Provenance section (HTML)")
+    s.set_defaults(fn=cmd_provenance)
+
+    s = sub.add_parser(
+        "headlines", help="headline numbers (dip, final pct, final error) with standard errors"
+    )
+    s.add_argument("--runs", nargs="+", required=True)
+    s.add_argument("--out", required=True, help="headlines.csv")
+    s.set_defaults(fn=cmd_headlines)
+
+    s = sub.add_parser(
+        "archive",
+        help="bundle code (git), config, lock, provenance and a how-to-rerun into a .tar.gz",
+    )
+    s.add_argument("--out", required=True, help="the archive (.tar.gz)")
+    s.add_argument("--repo", default=".", help="the git repository of the code")
+    s.add_argument(
+        "--include",
+        nargs="*",
+        help="result files to add under results/ (default: config_used.yaml, provenance.json, "
+        "paper_comparison.parquet where present)",
+    )
+    s.set_defaults(fn=cmd_archive)
+
+    s = sub.add_parser(
+        "diff-reports",
+        help="compare the headline numbers of two reports (zip or results folder) or one "
+        "with the study's table (B = 'study')",
+    )
+    s.add_argument("a", help="report.zip or results folder")
+    s.add_argument("b", help="report.zip, results folder, or 'study'")
+    s.add_argument("--threshold", type=float, default=3.0, help="flag |difference| > this many SE")
+    s.add_argument("--out", default=None, help="also write the table (.parquet or .csv)")
+    s.set_defaults(fn=cmd_diff_reports)
 
     s = sub.add_parser("model-info", help="parameter counts of every model size")
     s.add_argument("--model", default=None)

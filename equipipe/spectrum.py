@@ -71,6 +71,11 @@ is the exact projection of z restricted to G onto the isotypic component of the 
   whenever ℓ + ℓ' ≤ 5 (⟨z_g, z_h⟩ depends on g^-1 h only). Tests and probes of features that must
   land "exactly" in one ℓ use it; above those bands the 60 points alias.
 
+A closed form (derived, tested): the EScAIP-like direct force head on an invariant backbone gives
+z_i(g) = m_i Σ_j g^T diag(W h_ij) g r̂_ij. g^T A g for a symmetric A is ℓ = 0 (tr A / 3 · I) plus
+ℓ = 2 (the traceless part), so that model's force equivariance error is pure ℓ = 2, at every step
+and for every W; P_1 = P_3 = ... = 0.
+
 Hidden features: the same estimators applied to g ↦ h(g x) (no canonicalisation: a hidden
 feature has no group action of its own in a non-equivariant model), reported as shares
 P_ℓ / S of the feature's power. ℓ ≥ 1 content there is not a defect: a feature that carries a
@@ -271,13 +276,21 @@ class Spectrum:
 
     def standard_error(self, name: str) -> float:
         """Standard error over units of the per-element mean of ``name`` (ratio of sums)."""
-        U = self.n.shape[0]
-        if U < 2 or float(self.n.sum()) == 0:
-            return math.nan
-        v = self._units()[name]
-        m = float(v.sum() / self.n.sum())
-        ss = float(((v - m * self.n) ** 2).sum())
-        return math.sqrt(U / (U - 1) * ss) / float(self.n.sum())
+        return _ratio_se(self._units()[name], self.n)
+
+    def share_standard_error(self, name: str) -> float:
+        """Standard error over units of ``shares()[name]`` (ratio of sums over ``total``)."""
+        return _ratio_se(self._units()[name], self.total)
+
+
+def _ratio_se(v: Tensor, w: Tensor) -> float:
+    """Standard error of Σ v / Σ w over units (linearised ratio estimator)."""
+    U = w.shape[0]
+    if U < 2 or float(w.sum()) == 0:
+        return math.nan
+    r = float(v.sum() / w.sum())
+    ss = float(((v - r * w) ** 2).sum())
+    return math.sqrt(U / (U - 1) * ss) / abs(float(w.sum()))
 
 
 # --------------------------------------------------------------------------- Gram matrices
@@ -318,30 +331,40 @@ def gram(
         n (B,) float64 element counts.
     """
     K, M = z.shape[0], z.shape[1]
-    zd = z.detach().double()
     keep = None
     if mask is not None:
         keep = _reduce_mask(mask.to(z.device), tuple(z.shape[1:]))
-    if keep is not None:
-        zd = zd * keep.unsqueeze(0).to(zd.dtype)
-        counts = keep.reshape(M, -1).sum(1).double()
-    else:
-        counts = torch.full((M,), float(zd[0, 0].numel()), dtype=torch.float64, device=z.device)
-    flat = zd.reshape(K, M, -1)
     if index is None:
         if M != n_examples:
             raise ValueError(
                 f"values have {M} leading entries but the batch has {n_examples} examples; "
                 "pass index (the example of each entry) for ragged batches"
             )
-        return torch.einsum("imf,jmf->mij", flat, flat), counts
+        # one example at a time: a float64 copy of a whole batch of grids would not fit
+        G = torch.zeros(M, K, K, dtype=torch.float64, device=z.device)
+        n = torch.zeros(M, dtype=torch.float64, device=z.device)
+        for m in range(M):
+            zm = z[:, m].detach().reshape(K, -1)
+            if keep is not None:
+                zm = zm[:, keep[m].reshape(-1)]
+            zm = zm.double()
+            G[m] = zm @ zm.T
+            n[m] = zm.shape[1]
+        return G, n
     if index.shape[0] != M:
         raise ValueError(f"index has {index.shape[0]} entries, values have {M}")
+    flat = z.detach().double().reshape(K, M, -1)
+    if keep is not None:
+        flat = flat * keep.reshape(M, -1).unsqueeze(0).to(flat.dtype)
+        counts = keep.reshape(M, -1).sum(1).double()
+    else:
+        counts = torch.full((M,), float(flat.shape[-1]), dtype=torch.float64, device=z.device)
     per = torch.einsum("imf,jmf->mij", flat, flat)
+    idx = index.to(z.device).long()
     G = torch.zeros(n_examples, K, K, dtype=torch.float64, device=z.device)
-    G.index_add_(0, index.to(z.device).long(), per)
+    G.index_add_(0, idx, per)
     n = torch.zeros(n_examples, dtype=torch.float64, device=z.device)
-    n.index_add_(0, index.to(z.device).long(), counts)
+    n.index_add_(0, idx, counts)
     return G, n
 
 

@@ -18,8 +18,17 @@ the octahedral evaluation; ``layer`` a module name):
   the others sum (with ``spectrum_remainder``) to the unbiased equivariance error ``equiv_unbiased``
   of the same evaluation; ``spectrum_power_se`` its standard error over examples;
 * ``spectrum_remainder`` (field): power above ℓmax (SO(3) only) and ``spectrum_remainder_se``;
-* ``layer_share`` (layer, ell): share of the layer output's power (of g ↦ h(g x), not
-  canonicalised) in that ℓ; ``layer_share_remainder`` (layer): the share above ℓmax.
+* ``layer_share`` (layer, ell; ``t`` null: pooled over the evaluation's flow times, each
+  (example, t) an independent unit with its own K rotations, which a per-t split is too noisy
+  for): share of the layer output's power (of g ↦ h(g x), not
+  canonicalised; grid feature maps ARE canonicalised, see ``canonical_grid_features``) in that
+  ℓ, ``layer_share_se`` its standard error over examples; ``layer_share_remainder`` (layer): the
+  share above ℓmax, ``layer_share_remainder_se`` its standard error.
+
+Noise: with K = 10 rotations an example has 45 rotation pairs, and the estimate of P_ℓ carries
+cross-talk from the other ℓ of order (2ℓ+1) / sqrt(45 · examples) of the power there (zero in
+expectation, the same at every evaluation because the evaluation rotations are fixed). The
+standard errors say which values are resolved; the figures mark the rest.
 
 Which entries group into one example: a value whose leading size is the number of examples B
 is per example (energies, padded (B, L, ...) tokens); otherwise it must be per atom of a ragged
@@ -44,7 +53,9 @@ SPECTRUM_METRICS = (
     "spectrum_remainder",
     "spectrum_remainder_se",
     "layer_share",
+    "layer_share_se",
     "layer_share_remainder",
+    "layer_share_remainder_se",
 )
 
 
@@ -141,7 +152,7 @@ class SpectrumProbe:
                 h, hm = canonical_grid_features(h, R, out, mask, name)
             idx = example_index(view, h.shape[1], B)
             s = spectrum(h, R, self.lmax, idx, hm if idx is None else None, exhaustive)
-            self._add(self.hidden, (split, t, name), s)
+            self._add(self.hidden, (split, None, name), s)  # pooled over flow times
         self._features = {n: [] for n in self.layers}
 
     def rows(self, units: dict[str, str]) -> list[dict[str, Any]]:
@@ -164,9 +175,15 @@ class SpectrumProbe:
             for lab in s.labels:
                 rows.append(dict(split=split, metric="layer_share", value=sh[lab], t=t,
                                  n=s.n_elements, unit="fraction", ell=lab, layer=layer))  # fmt: skip
+                rows.append(dict(split=split, metric="layer_share_se", t=t, n=s.n_elements,
+                                 value=s.share_standard_error(lab), unit="fraction", ell=lab,
+                                 layer=layer))  # fmt: skip
             if not s.exhaustive:
                 rows.append(dict(split=split, metric="layer_share_remainder", t=t, unit="fraction",
                                  value=sh["remainder"], n=s.n_elements, layer=layer))  # fmt: skip
+                rows.append(dict(split=split, metric="layer_share_remainder_se", t=t, n=s.n_elements,
+                                 value=s.share_standard_error("remainder"), unit="fraction",
+                                 layer=layer))  # fmt: skip
         return rows
 
 

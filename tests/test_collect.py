@@ -85,7 +85,7 @@ def _write_run(root, exp, seed, rows, **info):
     d.mkdir(parents=True)
     df = pl.DataFrame(
         rows,
-        schema=METRICS_SCHEMA,
+        schema={k: v for k, v in METRICS_SCHEMA.items() if k in BASE},  # a version-1 table
         orient="row",
     )
     df.write_parquet(d / "metrics.parquet")

@@ -16,6 +16,7 @@ from equipipe.collect import METRICS_SCHEMA, RUN_COLUMNS
 from equipipe.figures import KINDS, build_figure, make_figure, register_kind
 
 SCHEMA = {**RUN_COLUMNS, **METRICS_SCHEMA}
+ROW_SCHEMA = {k: v for k, v in SCHEMA.items() if k not in ("ell", "layer")}  # rows below: no ell
 STEPS = np.unique(np.concatenate([[1, 2, 5, 10, 20, 50], np.arange(100, 3001, 100)]))
 
 
@@ -127,7 +128,8 @@ def synthetic_metrics() -> tuple[pl.DataFrame, dict[str, dict]]:
     run("ff_small", [0], "forcefield", "forces", dip_at=300.0)
     run("fm_default", [0, 1], "flowmatching", "x1", ts=(0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.99))
     run("vox_default", [0], "denoising", "density", splits=("val_octahedral", "val_haar"), k=4)
-    return pl.DataFrame(rows, schema=SCHEMA, orient="row"), runs
+    df = pl.DataFrame(rows, schema=ROW_SCHEMA, orient="row")
+    return df.with_columns(pl.lit(None, pl.String).alias(c) for c in ("ell", "layer")), runs
 
 
 @pytest.fixture(scope="module")

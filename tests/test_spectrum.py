@@ -203,6 +203,17 @@ def test_invariant_model_has_no_ell_above_zero_in_outputs_or_layers(molecules):
         sh = probe.hidden[("val", None, name)].shares()
         assert sh["0"] == pytest.approx(1.0, abs=1e-10), name
         assert max(abs(sh[k]) for k in ("1", "2", "3", "remainder")) < 1e-10, (name, sh)
+    # Derived: the direct head's canonicalised forces are Σ_j m c_ij ⊙ ... = g^T diag(c) g r̂,
+    # so its equivariance error is pure ℓ = 2 (the traceless part of diag(c)); the exact
+    # icosahedral quadrature (band 2, ℓ <= 3) shows it
+    ico = SpectrumProbe(task, lmax=3, layers=[])
+    with ico.recording(model):
+        d = decompose(model, task, batch, 60, None, rotations=sp.icosahedral_rotations(),
+                      record=ico.record)  # fmt: skip
+    ico.observe("val", None, batch, exhaustive=True)
+    f = ico.outputs[("val", None, "forces")].per_element()
+    assert f["2"] == pytest.approx(d["forces"].per_element()["equiv"], rel=1e-5)
+    assert max(abs(f["1"]), abs(f["3"])) < 1e-6 * f["2"]
 
 
 def test_e3nn_hidden_channels_land_exactly_in_their_ell(molecules):

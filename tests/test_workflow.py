@@ -85,6 +85,8 @@ def test_end_to_end_outputs_and_report(finished):
     assert any(n.endswith("pct.png") for n in names) and any(
         n.endswith("paper_comparison.html") for n in names
     )
+    assert any(n.endswith("provenance.html") for n in names)
+    assert any(n.endswith("headlines.csv") for n in names)
     # nothing left to do: a second run schedules no job
     out = snakemake(wd, "-n")
     assert "Nothing to be done" in out.stdout + out.stderr
@@ -106,7 +108,7 @@ def test_adding_a_subset_schedules_only_what_uses_it(finished):
     # the new subset, its one training job, the figure that shows it; the aggregate table and
     # the archived config necessarily follow; nothing else (no dataset rebuild, no other run)
     assert jobs.pop("subset") == 1 and jobs.pop("train") == 1 and jobs.pop("figure") == 1
-    assert set(jobs) <= {"collect", "archive_config", "all"}, jobs
+    assert set(jobs) <= {"collect", "archive_config", "provenance", "headlines", "all"}, jobs
 
 
 @pytest.mark.parametrize(
@@ -137,7 +139,7 @@ def test_changing_a_dataset_setting_reruns_only_what_depends_on_it(
     jobs = planned_jobs(snakemake(new, "-n", "--quiet", "rules"))
     assert jobs.pop("figure") == 2, jobs
     assert {k: jobs.pop(k, 0) for k in expected} == expected, jobs
-    assert set(jobs) <= {"collect", "archive_config", "all"}, jobs
+    assert set(jobs) <= {"collect", "archive_config", "provenance", "headlines", "all"}, jobs
 
 
 def test_bad_config_names_key_and_allowed_values(tmp_path):
@@ -229,3 +231,138 @@ def test_paper_grid_plans_offline_quickly():
     jobs = planned_jobs(subprocess.CompletedProcess([], 0, text, ""))
     assert jobs["train"] == 29 and jobs["download_spice"] == 1 and jobs["download_geom"] == 1
     assert cpu < 5.0, f"planning took {cpu:.1f} s of CPU ({wall:.1f} s wall)"
+
+
+# --- Reproducibility (issue 18): provenance, a rerun compared by diff-reports, the archive ---
+
+
+def test_provenance_records_code_environment_runs_and_data(finished):
+    import hashlib
+    import json
+
+    p = json.loads((finished / "results/provenance.json").read_text())
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    assert p["code"]["commit"] == head.stdout.strip() and isinstance(p["code"]["dirty"], bool)
+    lock = ROOT / "lock" / "requirements.txt"
+    assert p["environment"]["lock_sha256"] == hashlib.sha256(lock.read_bytes()).hexdigest()
+    import snakemake as smk
+    import torch
+
+    env = p["environment"]
+    assert (env["torch"], env["cuda"], env["snakemake"]) == (
+        torch.__version__,
+        torch.version.cuda,
+        smk.__version__,
+    )
+    assert env["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert p["machine"]["platform"] and p["machine"]["cpu"]
+    seeds = sorted((r["experiment"], r["seed"]) for r in p["runs"])
+    assert seeds == [("ff_c4", 0), ("ff_default", 0), ("ff_default", 1)]
+    assert all(r["device"].startswith("cpu") for r in p["runs"])
+    spice = p["datasets"]["spice"]
+    assert spice["source"] == "embedded" and spice["source_facts"]["kind"] == "embedded"
+    (f,) = spice["raw"]["files"]
+    raw = finished / "resources/spice/embedded" / f["name"]
+    assert f["size"] == raw.stat().st_size
+    assert f["sha256"] == hashlib.sha256(raw.read_bytes()).hexdigest()
+    meta = json.loads((finished / "results/data/spice/store/meta.json").read_text())
+    assert spice["store"]["n"] == meta["n"] and spice["quarantine"]["n"] == meta["n_quarantined"]
+    assert spice["gaps"], "what the store does not record is listed"
+    html = (finished / "results/provenance.html").read_text()
+    assert "Provenance" in html and f["sha256"] in html and p["code"]["commit"] in html
+
+
+def _diff(a, b) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "equipipe"), "diff-reports", str(a), str(b)], capture_output=True, text=True
+    )
+
+
+def test_rerun_gives_identical_headlines_and_diff_reports_flags_an_altered_copy(finished, tmp_path):
+    """A second real workflow run (same config, new folder) against the first, per diff-reports."""
+    if not (finished / "results/report.zip").is_file():
+        snakemake(finished, "--report", "results/report.zip")
+    wd = tmp_path / "rerun"
+    wd.mkdir()
+    shutil.copy(finished / "config.yaml", wd / "config.yaml")
+    shutil.copytree(finished / "resources", wd / "resources")
+    shutil.copytree(finished / "results/data", wd / "results/data")
+    jobs = planned_jobs(snakemake(wd, "-n", "results/headlines.csv", "--quiet", "rules"))
+    assert jobs.pop("train") == 3 and set(jobs) <= {"headlines"}, jobs  # the data is reused
+    snakemake(wd, "--cores", "2", "results/headlines.csv")
+    out = _diff(finished / "results/report.zip", wd / "results")
+    assert out.returncode == 0, out.stdout
+    assert re.search(r"^0 of [1-9]\d* compared numbers differ", out.stdout, re.M), out.stdout
+    assert (finished / "results/headlines.csv").read_text() == (
+        wd / "results/headlines.csv"
+    ).read_text()
+    # an altered copy: ff_c4's last pct tripled (numerator with it); ff_default's two seeds
+    # differ so much that the same change there would stay within its seed-to-seed noise
+    alt = tmp_path / "altered"
+    shutil.copytree(wd / "results/runs", alt / "runs")
+    m = alt / "runs/ff_c4/seed0/metrics.parquet"
+    df = pl.read_parquet(m)
+    last = (pl.col("step") == df["step"].max()) & (pl.col("split") == "val")
+    hit = last & (pl.col("field") == "forces") & pl.col("metric").is_in(["pct", "equiv_unbiased"])
+    df.with_columns(pl.when(hit).then(pl.col("value") * 3).otherwise(pl.col("value")).alias("value")).write_parquet(m)  # fmt: skip
+    out = _diff(finished / "results", alt)
+    assert out.returncode == 1
+    flagged = [ln.split()[:5] for ln in out.stdout.splitlines() if "DIFFERS" in ln]
+    assert ["ff_c4", "val", "forces", "-", "final_pct"] in flagged, out.stdout
+    assert all(f[0] == "ff_c4" and f[4] != "final_error" for f in flagged), out.stdout
+    # and against the study's table: the tiny run is far from the paper-scale numbers
+    out = _diff(wd / "results", "study")
+    assert "EScAIP default" in out.stdout and "dip_pct" in out.stdout
+
+
+def test_archive_unpacks_and_dry_runs(finished, tmp_path):
+    import json
+    import tarfile
+
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    out = tmp_path / "archive.tar.gz"
+    subprocess.run([str(BIN / "equipipe"), "archive", "--out", str(out), "--repo", str(ROOT)],
+                   cwd=finished, check=True, capture_output=True, env=env)  # fmt: skip
+    with tarfile.open(out) as tar:
+        tar.extractall(tmp_path / "x", filter="data")
+    root = tmp_path / "x" / "equipipe"
+    for name in ("RERUN.md", "lock/requirements.txt", "lock/nodeps.txt", "Makefile",
+                 "workflow/Snakefile", "equipipe/cli.py", "config/archived.yaml",
+                 "archived-results/provenance.json", "archived-results/paper_comparison.parquet"):  # fmt: skip
+        assert (root / name).is_file(), name
+    meta = json.loads((root / "ARCHIVE.json").read_text())
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    assert meta["commit"] == head.stdout.strip() and isinstance(meta["dirty"], bool)
+    prov = root / "archived-results/provenance.json"
+    assert prov.read_bytes() == (finished / "results/provenance.json").read_bytes()
+    assert (root / "lock/requirements.txt").read_bytes() == (
+        ROOT / "lock/requirements.txt"
+    ).read_bytes()
+    assert "make venv" in (root / "RERUN.md").read_text()
+    # the unpacked code (not this checkout's) plans the archived configuration offline
+    env["PYTHONPATH"] = str(root)
+    plan = subprocess.run(
+        [str(BIN / "snakemake"), "-n", "--quiet", "rules", "--configfile", "config/archived.yaml"],
+        cwd=root, capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    jobs = planned_jobs(plan)
+    assert jobs["train"] == 3 and jobs["provenance"] == 1 and jobs["build_embedded_spice"] == 1
+    from equipipe.provenance import code_info
+
+    assert code_info(root) == {**code_info(root), "commit": meta["commit"], "from": "archive"}
+
+
+def test_training_twice_in_one_process_gives_identical_metrics(finished, tmp_path):
+    """Same seed, same process, twice: the same metric table (and as the Snakemake job's)."""
+    import json
+
+    from equipipe.train import train
+
+    info = json.loads((finished / "results/runs/ff_c4/seed0/run.json").read_text())
+    d = {k: finished / v for k, v in info["data"].items()}
+    for name in ("a", "b"):
+        train(info["spec"], d["store"], d["split"], d["subset"], tmp_path / name)
+    a = _metrics_without_wall(tmp_path / "a/metrics.parquet")
+    assert a.equals(_metrics_without_wall(tmp_path / "b/metrics.parquet"))
+    assert a.equals(_metrics_without_wall(finished / "results/runs/ff_c4/seed0/metrics.parquet"))
