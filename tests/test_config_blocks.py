@@ -277,7 +277,7 @@ def test_schema_figure_kinds_and_style_keys_match_the_code():
     assert set(eqcfg.figure_kinds()) == set(figures.KINDS)
     read: dict[str, set[str]] = {}
     funcs: dict[str, tuple] = {}
-    for mod in ("figures", "figures_analysis", "figures_spectrum", "efficiency"):
+    for mod in ("figures", "figures_analysis", "efficiency"):
         src = (ROOT / "equipipe" / f"{mod}.py").read_text()
         for n in ast.walk(ast.parse(src)):
             if isinstance(n, ast.FunctionDef):
@@ -291,8 +291,6 @@ def test_schema_figure_kinds_and_style_keys_match_the_code():
                 f = c.func
                 name = f.id if isinstance(f, ast.Name) else getattr(f, "attr", None)
                 k = f"{name}@{mod}"
-                if k not in funcs and mod == "figures_spectrum":  # helpers of equipipe.figures
-                    k = f"{name}@figures"
                 if k in funcs and k not in seen:
                     seen.add(k)
                     keys |= closure(*funcs[k], seen)
