@@ -17,6 +17,9 @@ DATASETS = ("spice", "pdb", "geom")
 
 
 def _json(text: str) -> dict:
+    from equipipe.params import read_param
+
+    text = read_param(text)  # "@path": the rule's content-addressed parameter file
     try:
         return json.loads(text) if text else {}
     except json.JSONDecodeError as e:
@@ -62,6 +65,7 @@ def cmd_subset(a) -> None:
         Path(a.out),
         float(a.size) if a.unit == "fraction" else int(float(a.size)),
         a.unit,
+        a.name,
     )
 
 
@@ -200,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Subcommands are called by the Snakemake rules (workflow/Snakefile); run the whole study "
         "with `snakemake --cores N` (see README.md and config/README.md).",
     )
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of an error instead of one line (also: EQUIPIPE_DEBUG=1)",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser(
@@ -250,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--unit", required=True, help="conformers | chains | molecules | examples | fraction"
     )
     s.add_argument("--out", required=True)
+    s.add_argument("--name", default=None, help="subset name for messages (default: --out's stem)")
     s.set_defaults(fn=cmd_subset)
 
     s = sub.add_parser(
@@ -372,11 +382,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from equipipe.errors import ActionableError, debug_requested, one_line
+
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        print(f"equipipe {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, KeyError, FileNotFoundError, ActionableError) as e:
+        if debug_requested(args.debug):
+            raise
+        # one line naming the file and what to do; --debug / EQUIPIPE_DEBUG=1: the traceback
+        print(f"equipipe {args.command}: error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from e
 
 

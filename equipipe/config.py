@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -177,8 +178,9 @@ def _message(e, where: str) -> str:
     if e.validator == "required":
         return f"config key {path or '(top level)'}: {e.message}"
     hint = ""
-    if e.validator == "type" and isinstance(e.instance, str):
-        hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if _looks_numeric(e.instance) else ""
+    if e.validator == "type" and isinstance(e.instance, str) and _looks_numeric(e.instance):
+        text = e.instance.strip()
+        hint = f" (YAML reads {text} as text: write {yaml_number(text)})"
     return f"config key {path or '(top level)'}: {e.message}{hint}"
 
 
@@ -188,6 +190,16 @@ def _looks_numeric(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def yaml_number(text: str) -> str:
+    """How to write the number ``text`` so that YAML reads a number: a dot in the mantissa and
+    a signed exponent (``1e-3`` -> ``1.0e-3``, ``5e4`` -> ``5.0e+4``, ``1.0e3`` -> ``1.0e+3``)."""
+    m = re.fullmatch(r"([+-]?)(\d*)(?:\.(\d*))?[eE]([+-]?)(\d+)", text.strip())
+    if not m:
+        return repr(float(text))
+    sign, whole, frac, esign, exp = m.groups()
+    return f"{sign}{whole or '0'}.{frac or '0'}e{esign or '+'}{exp}"
 
 
 def _validator(schema_: dict, fill: bool):

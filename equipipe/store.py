@@ -26,8 +26,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from equipipe.errors import ActionableError
 
-class TooManyBadRecords(RuntimeError):
+
+class TooManyBadRecords(ActionableError):
     """More than the configured fraction of records were quarantined."""
 
 

@@ -1,11 +1,13 @@
 """One training loop for every task, with equivariance evaluation during training.
 
 The run writes its declared outputs (metrics.parquet, run.json, model.pt, early.pt) only at
-the end. Checkpoints and the partial metric table live in the UNDECLARED ``work/`` folder of
-the run directory, because Snakemake deletes declared outputs of failed jobs: a rerun after
-SIGKILL, SIGTERM or a crash finds ``work/`` and continues where the last checkpoint left off,
-with the same data order and the same evaluation rotations, so its metric table equals an
-uninterrupted run's (wall-clock columns aside).
+the end. The checkpoint ``work/ckpt.pt`` (model, optimiser, EMA, the metric rows logged so far
+and every random state, written as one atomic unit by :mod:`equipipe.checkpoint`) lives in the
+UNDECLARED ``work/`` folder of the run directory, because Snakemake deletes declared outputs of
+failed jobs: a rerun after SIGKILL, SIGTERM or a crash at any instant finds ``work/`` and
+continues where the last checkpoint left off, with the same data order, dropout draws and
+evaluation rotations, so its metric table and weights equal an uninterrupted run's bit for bit
+(wall-clock columns aside).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import platform
 import shutil
 import signal
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from equipipe import distributed as ddp
+from equipipe.checkpoint import atomic_save, rng_state, set_rng_state
 from equipipe.collect import METRICS_SCHEMA as METRIC_SCHEMA
 from equipipe.collect import METRICS_SCHEMA_VERSION
 from equipipe.equivariance import Decomposition, evaluate_view, head_deviation, no_grad
@@ -245,13 +247,18 @@ class Trainer:
         return hashlib.sha256(json.dumps(self.spec, sort_keys=True).encode()).hexdigest()[:16]
 
     def save_checkpoint(self) -> None:
+        """Model, optimiser, EMA, metric rows and random states as ONE atomically replaced file.
+
+        The rows logged so far travel inside the checkpoint, so a resume continues with exactly
+        the rows of the checkpoint's step: a kill at any instant neither duplicates rows nor
+        leaves a half-written table (see :mod:`equipipe.checkpoint`).
+        """
         if not ddp.is_main():
             return
         with self.timer("io"):
             self._save_checkpoint()
 
     def _save_checkpoint(self) -> None:
-        self.work.mkdir(parents=True, exist_ok=True)
         state = {
             "spec_hash": self.spec_hash(),
             "step": self.step,
@@ -262,22 +269,21 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "wall": self.wall_offset + time.perf_counter() - self.wall0,
             "timing": self.timer.seconds,
+            "rng": rng_state(self.device),
+            "metrics": pl.DataFrame(self.rows, schema=METRIC_SCHEMA).to_dict(as_series=False),
         }
-        tmp = self.work / "ckpt.pt.tmp"
-        torch.save(state, tmp)
-        pl.DataFrame(self.rows, schema=METRIC_SCHEMA).write_parquet(
-            self.work / "metrics.partial.parquet"
-        )
-        os.replace(tmp, self.work / "ckpt.pt")
+        atomic_save(state, self.work / "ckpt.pt", self.step)
 
     def try_resume(self) -> bool:
         ckpt = self.work / "ckpt.pt"
         if not ckpt.exists():
             return False
         state = torch.load(ckpt, map_location=self.device, weights_only=True)
-        if state["spec_hash"] != self.spec_hash():
+        if state["spec_hash"] != self.spec_hash() or "metrics" not in state:
             print(
-                f"[train] {ckpt} belongs to another configuration; starting afresh", file=sys.stderr
+                f"[train] {ckpt} belongs to another configuration (or an older equipipe); "
+                "starting afresh",
+                file=sys.stderr,
             )
             shutil.rmtree(self.work)
             return False
@@ -291,7 +297,8 @@ class Trainer:
         self.wall_offset = float(state["wall"])
         for name, v in (state.get("timing") or {}).items():  # earlier processes' seconds
             self.timer.add(name, float(v))
-        self.rows = pl.read_parquet(self.work / "metrics.partial.parquet").to_dicts()
+        self.rows = pl.DataFrame(state["metrics"], schema=METRIC_SCHEMA).to_dicts()
+        set_rng_state(state["rng"], self.device)
         print(f"[train] resumed from step {self.step} ({ckpt})", file=sys.stderr)
         return True
 
@@ -526,8 +533,7 @@ class Trainer:
                     self._row("train", "lr", lr_at(self.step - 1, cfg))
                 if self.step == cfg.analysis_step and ddp.is_main():
                     with self.timer("io"):
-                        self.work.mkdir(parents=True, exist_ok=True)
-                        torch.save(self.model.state_dict(), early_path)
+                        atomic_save(self.model.state_dict(), early_path)
                 if self.step in evals:
                     if ddp.is_main():
                         self.evaluate()

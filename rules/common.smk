@@ -4,6 +4,7 @@ import json
 
 from equipipe import config as eqcfg
 from equipipe.data.dataset_block import step_block
+from equipipe.params import param_file  # JSON params as short content-addressed files
 
 # The schema (workflow/schemas/config.schema.yaml) with every free-form block closed, defaults
 # filled, then the checks between fields; errors name the key's path and the allowed keys.
@@ -38,15 +39,18 @@ def preprocess_input(wildcards):
 
 
 def dataset_cfg(dataset, block):
-    return json.dumps(
-        config["datasets"].get(dataset, {}).get(block, {}), sort_keys=True
+    return param_file(
+        json.dumps(config["datasets"].get(dataset, {}).get(block, {}), sort_keys=True)
     )
 
 
 def step_cfg(dataset, step):
     """The validated dataset block a data step receives (equipipe.data.dataset_block)."""
-    return json.dumps(
-        step_block(config["datasets"].get(dataset, {}), step, dataset), sort_keys=True
+    return param_file(
+        json.dumps(
+            step_block(config["datasets"].get(dataset, {}), step, dataset),
+            sort_keys=True,
+        )
     )
 
 
@@ -82,7 +86,9 @@ def train_inputs(wildcards):
 
 
 def train_spec(wildcards):
-    return eqcfg.run_spec_json(config, wildcards.experiment, int(wildcards.seed))
+    return param_file(
+        eqcfg.run_spec_json(config, wildcards.experiment, int(wildcards.seed))
+    )
 
 
 def train_out(wildcards):
@@ -137,7 +143,7 @@ def analysis_spec(wildcards):
     extra = {"experiments": a["experiments"]} if a.get("experiments") else {}
     if a.get("checkpoint"):
         extra["checkpoint"] = a["checkpoint"]
-    return json.dumps({**a["spec"], **extra}, sort_keys=True)
+    return param_file(json.dumps({**a["spec"], **extra}, sort_keys=True))
 
 
 def figure_of(wildcards):
@@ -153,8 +159,8 @@ def figure_inputs(wildcards):
 
 
 def figure_spec(wildcards):
-    return json.dumps(
-        {"name": wildcards.figure, **figure_of(wildcards)}, sort_keys=True
+    return param_file(
+        json.dumps({"name": wildcards.figure, **figure_of(wildcards)}, sort_keys=True)
     )
 
 

@@ -19,7 +19,7 @@ rule archive_config:
     conda:
         "../envs/figures.yaml"
     params:
-        cfg=json.dumps(config, sort_keys=True),
+        cfg=param_file(json.dumps(config, sort_keys=True)),
     script:
         "../scripts/archive_config.py"
 

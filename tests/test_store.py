@@ -92,6 +92,33 @@ def test_subsets_are_nested_and_sized():
         subset_size(0, "conformers", 10)
 
 
+def test_molecule_counts_are_distinct_keys_nested_and_never_clamped():
+    # 40 molecules x 5 conformers
+    index = pl.DataFrame(
+        {
+            "id": [f"x{i}" for i in range(200)],
+            "key": [f"k{i // 5}" for i in range(200)],
+            "n_atoms": [5] * 200,
+        }
+    )
+    split = make_split(index, {"train": 0.8, "val": 0.2}, seed=0)
+    train = split.filter(pl.col("split") == "train")
+    n_keys = train["key"].n_unique()
+    by_id = dict(split.select("id", "key").iter_rows())
+    m3, m10 = (set(make_subset(split, n, "molecules")["id"]) for n in (3, 10))
+    assert len({by_id[i] for i in m3}) == 3 and len({by_id[i] for i in m10}) == 10
+    assert len(m3) == 15 and len(m10) == 50  # every conformer of each chosen molecule
+    assert m3 < m10 < set(make_subset(split, n_keys, "molecules")["id"]) == set(train["id"])
+    for unit in ("conformers", "chains", "examples"):
+        assert len(make_subset(split, 10, unit)) == 10  # rows
+    with pytest.raises(
+        ValueError, match=rf"subset 'big'.*1000 conformers.*only {train.height} conformers"
+    ):
+        make_subset(split, 1000, "conformers", "big")
+    with pytest.raises(ValueError, match=rf"subset 'm99'.*99 molecules.*only {n_keys} molecules"):
+        make_subset(split, 99, "molecules", "m99")
+
+
 def test_predefined_split_keeps_release_split():
     index = pl.DataFrame({"id": [f"x{i}" for i in range(20)], "key": [f"k{i % 5}" for i in range(20)],
                           "n_atoms": [3] * 20, "source": ["maceoff23/train"] * 15 + ["maceoff23/test"] * 5})  # fmt: skip

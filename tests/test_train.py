@@ -14,6 +14,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from equipipe.checkpoint import checkpoint_step
 from equipipe.data import spice
 from equipipe.data.splits import write_split, write_subset
 from equipipe.train import TrainConfig, eval_steps, lr_at
@@ -78,16 +79,14 @@ def test_eval_schedule_and_lr():
 
 
 def test_sigterm_checkpoints_and_resume_equals_uninterrupted(tiny_store, tmp_path):
-    s = spec(steps=60)
+    s = spec(steps=30)
     ref = tmp_path / "ref"
     assert run_cli(s, tiny_store, ref).wait(timeout=600) == 0
     out = tmp_path / "run"
     p = run_cli(s, tiny_store, out, stderr=subprocess.PIPE, text=True)
-    partial = out / "work" / "metrics.partial.parquet"
+    ckpt = out / "work" / "ckpt.pt"
     deadline = time.time() + 300
-    while time.time() < deadline and not (
-        partial.exists() and pl.read_parquet(partial)["step"].max() >= 6
-    ):
+    while time.time() < deadline and (checkpoint_step(ckpt) or 0) < 6:
         time.sleep(0.1)
     p.send_signal(signal.SIGTERM)
     err = p.communicate(timeout=120)[1]

@@ -16,6 +16,8 @@ import polars as pl
 import pytest
 import yaml
 
+from equipipe.checkpoint import checkpoint_step
+
 ROOT = Path(__file__).resolve().parent.parent
 SNAKEFILE = ROOT / "workflow" / "Snakefile"
 TINY = ROOT / "tests" / "fixtures" / "tiny_config.yaml"
@@ -111,6 +113,56 @@ def test_adding_a_subset_schedules_only_what_uses_it(finished):
     assert set(jobs) <= {"collect", "archive_config", "provenance", "headlines", "all"}, jobs
 
 
+def test_subset_counts_molecules_and_refuses_more_than_exists(finished):
+    """Through Snakemake: "2 molecules" is two molecules with all their training conformers;
+    a subset larger than the training split fails with the subset, unit and available count."""
+    wd = finished.parent / (finished.name + "_subsets")
+    shutil.copytree(finished, wd, ignore=shutil.ignore_patterns("locks", "incomplete"))
+    cfg = yaml.safe_load((wd / "config.yaml").read_text())
+    cfg["datasets"]["spice"]["subsets"] |= {
+        "m2": {"size": 2, "unit": "molecules"},
+        "big": {"size": 1000, "unit": "conformers"},
+    }
+    (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
+    data = wd / "results/data/spice"
+    snakemake(wd, "--cores", "1", str(data.relative_to(wd) / "subsets/m2.parquet"))
+    split = pl.read_parquet(data / "split.parquet").filter(pl.col("split") == "train")
+    ids = set(pl.read_parquet(data / "subsets/m2.parquet")["id"])
+    keys = set(split.filter(pl.col("id").is_in(list(ids)))["key"])
+    assert len(keys) == 2 and ids == set(split.filter(pl.col("key").is_in(list(keys)))["id"])
+    out = snakemake(
+        wd, "--cores", "1", str(data.relative_to(wd) / "subsets/big.parquet"), check=False
+    )
+    log = (wd / "logs/spice/subset_big.log").read_text()
+    assert out.returncode != 0 and not (data / "subsets/big.parquet").exists()
+    assert (
+        f"subset 'big' asks for 1000 conformers but the training split has only {split.height} conformers"
+        in log
+    )
+    assert "Traceback" not in log
+
+
+def test_changed_setting_reruns_dependents_with_short_reason_lines(finished):
+    """A changed setting reruns what depends on it; the dry run's reason lines name short
+    parameter files (equipipe.params), not the config or a training spec as JSON."""
+    wd = finished.parent / (finished.name + "_reasons")
+    shutil.copytree(finished, wd, ignore=shutil.ignore_patterns("locks", "incomplete"))
+    cfg = yaml.safe_load((wd / "config.yaml").read_text())
+    cfg["tasks"]["forcefield"]["train"]["lr"] = 2.0e-3
+    (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
+    out = snakemake(wd, "-n")
+    text = out.stdout + out.stderr
+    jobs = planned_jobs(out)
+    assert jobs.pop("train") == 3 and jobs.pop("archive_config") == 1  # every forcefield run
+    # and what reads the runs; no data job
+    assert set(jobs) <= {"figure", "collect", "provenance", "headlines", "all"}, jobs
+    reasons = [ln for ln in text.splitlines() if ln.strip().startswith("reason:")]
+    params = [ln for ln in reasons if "Params have changed" in ln]
+    assert len(params) == 4 and all(".snakemake/equipipe_params/" in ln for ln in params)
+    assert max(len(ln) for ln in params) < 400, max(params, key=len)
+    assert '"lr"' not in text and '"datasets"' not in text
+
+
 @pytest.mark.parametrize(
     "block, key, value, expected",
     [
@@ -187,10 +239,10 @@ def test_sigkill_then_rerun_incomplete_resumes_to_identical_metrics(finished, tm
          str(wd / "config.yaml"), "--cores", "1", "results/runs/ff_default/seed0/metrics.parquet"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
     )  # fmt: skip
-    ckpt = wd / "results/runs/ff_default/seed0/work/metrics.partial.parquet"
+    ckpt = wd / "results/runs/ff_default/seed0/work/ckpt.pt"
     deadline = time.time() + 240
     while time.time() < deadline:
-        if ckpt.exists() and pl.read_parquet(ckpt)["step"].max() >= 8:
+        if (checkpoint_step(ckpt) or 0) >= 8:
             break
         time.sleep(0.2)
     else:

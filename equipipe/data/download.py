@@ -42,6 +42,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from equipipe.errors import ActionableError
+
 __all__ = [
     "DownloadError",
     "RemoteFile",
@@ -62,11 +64,13 @@ _LOOPBACK_NAMES = {"localhost"}
 _HEX = re.compile(r"^[0-9a-f]+$")
 
 
-class DownloadError(RuntimeError):
+class DownloadError(ActionableError):
     """A download (or the metadata look-up before it) failed for good.
 
     ``url`` is the address concerned; nothing is left at the destination path.
     """
+
+    advice = "check the address and the network connection, then rerun the job"
 
     def __init__(self, message: str, *, url: str | None = None):
         super().__init__(message)

@@ -82,6 +82,7 @@ from equipipe.config import dataset_defaults
 from equipipe.data import safe_pickle
 from equipipe.data.dataset_block import options
 from equipipe.data.download import file_digest, use_local_copy
+from equipipe.errors import ActionableError
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +125,14 @@ DEFAULTS: dict[str, Any] = {"source": "embedded", **dataset_defaults("geom")}  #
 CONFORMER_ORDERS = ("first", "lowest_energy")
 
 
-class UntrustedPickleError(RuntimeError):
+class UntrustedPickleError(ActionableError):
     """A pickle without a matching published/pinned checksum, and no explicit opt-in."""
 
 
-class CorruptFileError(RuntimeError):
+class CorruptFileError(ActionableError):
     """A raw file is truncated or does not match its checksum: never preprocessed."""
+
+    advice = "delete the file and download (or build) it again"
 
 
 SOURCE_ALIASES = {"remote": "geom-rdkit"}

@@ -61,6 +61,7 @@ from equipipe.data.embedded import (
     thermal_perturb,
     xtb_singlepoint,
 )
+from equipipe.errors import ActionableError
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +122,10 @@ FORCE_UNIT = HARTREE_EV / BOHR_ANGSTROM  # 1 hartree/bohr in eV/Å
 _WANTED = frozenset((*REQUIRED_KEYS, "subset", "smiles"))
 
 
-class CorruptFileError(RuntimeError):
+class CorruptFileError(ActionableError):
     """A raw file is truncated or unreadable; it must be downloaded again, never preprocessed."""
+
+    advice = "delete the file and download (or build) it again"
 
 
 def _config(cfg: dict | None) -> dict[str, Any]:

@@ -3,8 +3,10 @@
 Splits group examples by the store's ``key`` column (molecule, SMILES group, sequence
 cluster) so no key lands in two splits; a key's split comes from a seeded stable hash, so it
 does not depend on the order of the store or on the other keys. Training subsets are nested:
-every subset is a prefix of one seeded ranking of the training examples, so 500 ⊂ 5k ⊂ 50k ⊂
-all and adding a size later writes one small id list and changes nothing else.
+every subset is a prefix of one seeded ranking of the training examples (of their keys, for a
+count of ``molecules``), so 500 ⊂ 5k ⊂ 50k ⊂ all and adding a size later writes one small id
+list and changes nothing else. A subset larger than the training split is an error, not the
+whole split.
 """
 
 from __future__ import annotations
@@ -94,27 +96,48 @@ def make_split(
     return df.sort("rank")
 
 
-def subset_size(size: float | int, unit: str, n_available: int) -> int:
-    """Number of training examples for a subset: a count in ``unit`` or a fraction (>= 1)."""
+def subset_size(size: float | int, unit: str, n_available: int, name: str = "subset") -> int:
+    """Number of units of subset ``name``: a count in ``unit``, or a fraction of ``n_available``.
+
+    A count above ``n_available`` is refused (naming the subset, the unit and what there is),
+    never clamped to the whole split.
+    """
     if unit not in UNITS:
-        raise ValueError(f"subset unit {unit!r} is not one of {UNITS}")
+        raise ValueError(f"subset {name!r}: unit {unit!r} is not one of {UNITS}")
     if unit == "fraction":
         if not 0 < size <= 1:
-            raise ValueError(f"a fraction subset needs 0 < size <= 1, got {size}")
+            raise ValueError(f"subset {name!r}: a fraction needs 0 < size <= 1, got {size}")
         n = math.ceil(size * n_available)
     else:
         n = int(size)
     if n < 1:
-        raise ValueError(f"subset size {size} {unit} selects no example")
-    return min(n, n_available)
+        raise ValueError(f"subset {name!r}: size {size} {unit} selects no example")
+    if n > n_available:
+        raise ValueError(
+            f"subset {name!r} asks for {n} {unit} but the training split has only {n_available} "
+            f"{unit}; lower its size, or give it as a fraction (unit: fraction)"
+        )
+    return n
 
 
-def make_subset(split: pl.DataFrame, size: float | int, unit: str) -> pl.DataFrame:
-    """Ids of a nested training subset: the first n training examples in seeded rank order."""
+def make_subset(
+    split: pl.DataFrame, size: float | int, unit: str, name: str = "subset"
+) -> pl.DataFrame:
+    """Ids of a nested training subset, in the split's seeded rank order.
+
+    ``conformers``, ``chains``, ``examples``: the first n training rows. ``molecules``: every
+    training row of the first n distinct keys (ranked by their first row), so "10 molecules"
+    is 10 molecules with all their conformers. ``fraction``: the first ceil(size * rows) rows.
+    A smaller subset of a unit is always contained in a larger one of the same unit.
+    """
     train = split.filter(pl.col("split") == "train").sort("rank")
     if train.height == 0:
-        raise ValueError("the split has no training examples")
-    n = subset_size(size, unit, train.height)
+        raise ValueError(f"subset {name!r}: the split has no training examples")
+    if unit == "molecules":
+        keys = train["key"].unique(maintain_order=True)
+        chosen = keys.head(subset_size(size, unit, keys.len(), name))
+        return train.filter(pl.col("key").is_in(chosen.implode())).select("id")
+    n = subset_size(size, unit, train.height, name)
     return train.head(n).select("id")
 
 
@@ -131,7 +154,10 @@ def write_split(
     make_split(index, fractions, seed, predefined).write_parquet(out)
 
 
-def write_subset(split_file: Path, out: Path, size: float | int, unit: str) -> None:
-    """CLI helper: write one subset's id list."""
+def write_subset(
+    split_file: Path, out: Path, size: float | int, unit: str, name: str | None = None
+) -> None:
+    """CLI helper: write one subset's id list (``name`` for messages; default: ``out``'s stem)."""
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    make_subset(pl.read_parquet(split_file), size, unit).write_parquet(out)
+    make_subset(pl.read_parquet(split_file), size, unit, name or out.stem).write_parquet(out)
