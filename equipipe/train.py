@@ -71,6 +71,7 @@ class TrainConfig:
     sample_per_cluster: bool = False  # one random example per store key each epoch (Proteina)
     checkpoint_every: int = 200
     analysis_step: int = 500
+    keep_steps: list[int] = field(default_factory=list)  # named checkpoints/step<N>.pt
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -135,14 +136,32 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     raise ValueError(f"schedule={cfg.schedule!r}; allowed: 'constant', 'cosine'")
 
 
+def _adam_eps(eps: float) -> float:
+    """``eps: 0`` (VoxMol's AdamW) as the smallest normal float instead of 0.
+
+    With eps exactly 0, torch divides 0/0 for every element whose gradient has been exactly 0
+    so far (a NaN parameter at step 1, seen on the miniature paper grid). The smallest normal
+    float32 leaves every other update unchanged and gives those elements no update.
+    """
+    return eps if eps > 0 else float(torch.finfo(torch.float32).tiny)
+
+
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(
-            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+            params,
+            lr=cfg.lr,
+            betas=cfg.betas,
+            eps=_adam_eps(cfg.eps),
+            weight_decay=cfg.weight_decay,
         )
     if cfg.optimizer == "adam":
         return torch.optim.Adam(
-            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+            params,
+            lr=cfg.lr,
+            betas=cfg.betas,
+            eps=_adam_eps(cfg.eps),
+            weight_decay=cfg.weight_decay,
         )
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
@@ -534,6 +553,11 @@ class Trainer:
                 if self.step == cfg.analysis_step and ddp.is_main():
                     with self.timer("io"):
                         atomic_save(self.model.state_dict(), early_path)
+                if self.step in cfg.keep_steps and ddp.is_main():  # to checkpoints/ at the end
+                    with self.timer("io"):
+                        atomic_save(
+                            self.model.state_dict(), self.work / f"checkpoints/step{self.step}.pt"
+                        )
                 if self.step in evals:
                     if ddp.is_main():
                         self.evaluate()
@@ -564,8 +588,16 @@ class Trainer:
         shutil.copyfile(early_path, self.out / "early.pt")
         if self.ema:
             torch.save(self.ema.model.state_dict(), self.out / "model_ema.pt")
+        kept = sorted(s for s in set(self.tcfg.keep_steps) if s <= self.tcfg.steps)
+        shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
+        (self.out / "checkpoints").mkdir()
+        for s in kept:
+            shutil.copyfile(
+                self.work / f"checkpoints/step{s}.pt", self.out / f"checkpoints/step{s}.pt"
+            )
         self.timer.add("io", time.perf_counter() - t0)  # run.json's own write is not counted
         info = run_info(self)
+        info["checkpoints"] = {f"checkpoints/step{s}.pt": s for s in kept}
         (self.out / "run.json").write_text(json.dumps(info, indent=1, default=str))
         shutil.rmtree(self.work, ignore_errors=True)
 

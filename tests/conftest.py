@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.httpserver"]
+pytest_plugins = ["tests.httpserver", "tests.upstreams.fixtures"]

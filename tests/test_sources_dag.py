@@ -9,6 +9,7 @@ download -> preprocess -> split -> subsets -> one training job -> collect in a t
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -18,23 +19,16 @@ import pytest
 import yaml
 
 from equipipe.data import spice
+from equipipe.data.download import DownloadError
 from equipipe.store import Store
 from tests.httpserver import Fault, LoopbackServer
 from tests.test_workflow import BIN, SNAKEFILE, snakemake
 from tests.upstreams.apollo import Apollo
-from tests.upstreams.spice_release import build_releases
 from tests.upstreams.zenodo import Zenodo
 
 TRAIN = {"steps": 6, "batch_size": 4, "lr": 1.0e-3, "checkpoint_every": 3, "analysis_step": 3}
 EVAL = {"every": 3, "early": [1], "k": 2, "examples": 4, "batch_size": 4}
 NOWHERE = "http://127.0.0.1:9"  # discard port: nothing listens, any request fails at once
-
-
-@pytest.fixture(scope="session")
-def spice_releases(tmp_path_factory) -> tuple[Path, dict]:
-    """Miniature SPICE releases (root folder, source -> file -> download.expected pin)."""
-    root = tmp_path_factory.mktemp("spice_releases")
-    return root, build_releases(root)
 
 
 def _config(source: str, download: dict, split: dict, download_dir: str | None = None) -> dict:
@@ -106,10 +100,10 @@ def dags(spice_releases, tmp_path_factory):
         "maceoff23": _config(
             "maceoff23", {"apollo_base": apollo.base, "expected": pins["maceoff23"]}, MACEOFF_SPLIT
         ),
-        # the local copy: no server anywhere (both endpoints point at a closed port)
+        # the local copy: no server anywhere (the endpoint is a closed port)
         "maceoff23-local": _config(
             "maceoff23",
-            {"apollo_base": NOWHERE, "zenodo_api": NOWHERE, "expected": pins["maceoff23"]},
+            {"apollo_base": NOWHERE, "expected": pins["maceoff23"]},
             MACEOFF_SPLIT,
             download_dir=str(root / "maceoff23"),
         ),
@@ -184,3 +178,24 @@ def test_upstream_faults_were_met_and_survived(dags):
         got = server.requests_for(Apollo.content_path(facts["bitstream"]))
         # the HTML page served with 200 was refused and fetched again (remote DAG only)
         assert [r.status for r in got] == [200, 200]
+
+
+@pytest.mark.parametrize("source", ["spice-2.0.1", "spice-1.1.4"])
+def test_local_copy_is_verified_and_linked_with_no_network(spice_releases, tmp_path, source):
+    """`equipipe download` with the release on disk and its checksum pinned: no request at all
+    (the endpoint is a closed port); a copy that does not verify is not linked."""
+    from equipipe.cli import main
+
+    root, pins = spice_releases
+    (name,) = pins[source]
+    block = {"source": source, "download_dir": str(root / source),
+             "download": {"zenodo_api": NOWHERE, "expected": pins[source]}}  # fmt: skip
+    out = tmp_path / "raw"
+    main(["download", "spice", "--source", source, "--out", str(out), "--cfg", json.dumps(block)])
+    assert (out / name).is_symlink() and (out / name).resolve() == (root / source / name).resolve()
+    wrong = {**pins[source][name], "md5": "0" * 32}
+    block["download"]["expected"] = {name: wrong}
+    with pytest.raises(DownloadError, match="127.0.0.1:9"):  # falls back to the network: refused
+        main(["download", "spice", "--source", source, "--out", str(tmp_path / "raw2"),
+              "--cfg", json.dumps(block)])  # fmt: skip
+    assert not (tmp_path / "raw2" / name).exists()

@@ -177,6 +177,21 @@ def test_ddp_two_ranks_on_cpu_match_single_process(tiny_store, tmp_path):
     assert b.filter(pl.col("value").is_nan() & (pl.col("metric") == "pct")).height == 0
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "adam"])
+def test_adam_eps_zero_leaves_zero_gradient_elements_finite(optimizer):
+    """VoxMol's AdamW(eps=0): an element with an exactly zero gradient must not become NaN."""
+    import torch
+
+    from equipipe.train import make_optimizer
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = make_optimizer([p], TrainConfig(optimizer=optimizer, lr=1e-3, eps=0.0, weight_decay=0.0))
+    p.grad = torch.tensor([1.0, 0.0, -2.0])
+    opt.step()
+    assert torch.isfinite(p).all() and p[1] == 1.0
+    assert torch.allclose(p[[0, 2]], torch.tensor([0.999, 1.001]))  # eps 0 elsewhere: lr steps
+
+
 def test_spectrum_rows_at_their_cadence_through_the_cli(tiny_store, tmp_path):
     """eval.spectrum_every: per-ℓ rows of outputs and probed layers, collected with ell/layer."""
     from equipipe.collect import METRICS_SCHEMA_VERSION, read_metrics, read_run

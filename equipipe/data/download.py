@@ -712,6 +712,8 @@ def _get_json(url: str, timeout: float, retries: int, backoff: float):
             try:
                 return json.loads(body)
             except ValueError as e:
+                if body.lstrip()[:1] == b"<":  # an HTML error page served with 200: retry
+                    raise _Transient(f"an HTML page instead of JSON: {body[:80]!r}") from e
                 raise _Fatal(f"response is not JSON: {body[:200]!r}") from e
         except _Fatal as e:
             raise DownloadError(f"metadata request {url} failed: {e}", url=url) from e

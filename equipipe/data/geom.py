@@ -43,6 +43,10 @@ Config keys (``DEFAULTS``):
 - ``dataverse_api``, ``midi_url``: endpoints (overridable for mirrors and tests).
 - ``rdkit_folder_md5``: pin the archive's md5 (else the value the API gave at download).
 - ``midi_sha256``: ``{train|val|test: sha256}`` pins for the MiDi pickles.
+- ``expected``: ``{file name: {size, md5, sha256}}`` release pins (``download.expected``):
+  ``rdkit_folder.tar.gz`` md5 = ``rdkit_folder_md5``, ``<split>_data.pickle`` sha256 =
+  ``midi_sha256[split]``. With the files in ``download_dir`` and their checksums pinned, the
+  download step verifies and links them and contacts nothing (not even the Dataverse API).
 - ``allow_unverified_pickles`` (false): opt in to unverified pickles (restricted loader).
 - ``conformers_per_molecule`` (5), ``conformer_order`` (``first`` | ``lowest_energy``).
 - ``elements`` (C H O N F S Cl Br).
@@ -163,7 +167,54 @@ def _config(cfg: dict | None) -> dict[str, Any]:
         raise ValueError(
             f"geom config key 'midi_sha256' has {unknown}; allowed keys: {list(MIDI_SPLITS)}"
         )
+    _fold_expected(cfg)
     return cfg
+
+
+PIN_KEYS = ("size", "md5", "sha256")
+MIDI_FILES = {f"{s}_data.pickle": s for s in MIDI_SPLITS}
+
+
+def _fold_expected(cfg: dict) -> None:
+    """``download.expected`` ({file name: {size, md5, sha256}}) -> the trust pins, checked.
+
+    ``rdkit_folder.tar.gz``'s md5 pins the archive (as ``rdkit_folder_md5``); a MiDi file's
+    sha256 pins it (as ``midi_sha256[split]``); a pin given both ways must agree.
+    """
+    expected = cfg.get("expected") or {}
+    allowed = [ARCHIVE, *MIDI_FILES]
+    unknown = sorted(set(expected) - set(allowed))
+    if unknown:
+        raise ValueError(f"geom download.expected names {unknown}; allowed: {allowed}")
+    for name, pin in expected.items():
+        bad = sorted(set(pin or {}) - set(PIN_KEYS))
+        if bad:
+            raise ValueError(
+                f"geom download.expected.{name} has unknown key(s) {bad}; allowed: {PIN_KEYS}"
+            )
+    md5 = (expected.get(ARCHIVE) or {}).get("md5")
+    if md5:
+        old = cfg.get("rdkit_folder_md5")
+        if old and old.lower() != md5.lower():
+            raise ValueError(
+                f"geom: rdkit_folder_md5 {old} and download.expected.{ARCHIVE}.md5 {md5} differ"
+            )
+        cfg["rdkit_folder_md5"] = md5.lower()
+    sha = dict(cfg.get("midi_sha256") or {})
+    for name, split in MIDI_FILES.items():
+        want = (expected.get(name) or {}).get("sha256")
+        if want:
+            if sha.get(split) and sha[split].lower() != want.lower():
+                raise ValueError(
+                    f"geom: midi_sha256.{split} and download.expected.{name}.sha256 differ"
+                )
+            sha[split] = want.lower()
+    cfg["midi_sha256"] = sha
+
+
+def _size_pin(cfg: dict, name: str) -> int | None:
+    size = ((cfg.get("expected") or {}).get(name) or {}).get("size")
+    return int(size) if size is not None else None
 
 
 def max_radius_allowed(cfg: dict) -> float:
@@ -204,6 +255,28 @@ def download(source: str, out_dir: Path, cfg: dict | None = None) -> None:
         build_embedded(out_dir, cfg)
         return
     if spec["kind"] == "dataverse":
+        pinned = cfg.get("rdkit_folder_md5")
+        local = Path(cfg["download_dir"]).expanduser() / ARCHIVE if cfg["download_dir"] else None
+        # A local copy with a pinned md5 needs no network (cluster nodes have none): verify,
+        # link, record; the Dataverse API is not asked.
+        if (
+            pinned
+            and local is not None
+            and use_local_copy(local, out_dir / ARCHIVE, md5=pinned, size=_size_pin(cfg, ARCHIVE))
+        ):
+            record = {
+                "doi": spec["doi"],
+                "file_id": spec["file_id"],
+                "url": None,
+                "local_copy": str(local),
+                "size": local.stat().st_size,
+                "md5": pinned.lower(),
+                "checksum_source": "config pin (local copy verified; nothing contacted)",
+                "pinned_by": "download.expected" if cfg.get("expected") else "rdkit_folder_md5",
+            }
+            _write_json(out_dir / ARCHIVE_SOURCE_JSON, record)
+            log.info("geom: %s verified against the pinned md5 and linked (no network)", local)
+            return
         files = dataverse_files(spec["doi"], api=cfg["dataverse_api"])
         if spec["file_id"] not in files:
             raise DownloadError(
@@ -245,12 +318,13 @@ def download(source: str, out_dir: Path, cfg: dict | None = None) -> None:
     pins = cfg["midi_sha256"] or {}
     for name, facts in spec["files"].items():
         sha = pins.get(facts["split"])
+        size = _size_pin(cfg, name)
         if cfg["download_dir"] and use_local_copy(
-            Path(cfg["download_dir"]) / name, out_dir / name, sha256=sha
+            Path(cfg["download_dir"]).expanduser() / name, out_dir / name, sha256=sha, size=size
         ):
-            continue
+            continue  # a local copy: nothing contacted
         url = cfg["midi_url"].rstrip("/") + "/" + name
-        fetch(RemoteFile(url, sha256=sha, name=name), out_dir / name)
+        fetch(RemoteFile(url, sha256=sha, size=size, name=name), out_dir / name)
 
 
 def _write_json(path: Path, obj: Any) -> None:

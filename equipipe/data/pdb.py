@@ -10,7 +10,12 @@ Sources (``SOURCES``):
   :func:`equipipe.data.download.fetch_many` call with bounded concurrency (retries, HTTP Range
   resume, gzip integrity). With ``mirror`` set, a local rsync tree of
   ``structures/divided/mmCIF`` (``<mirror>/mmCIF/<id[1:3]>/<id>.cif.gz`` or
-  ``<mirror>/<id[1:3]>/<id>.cif.gz``) is read in place and nothing is downloaded.
+  ``<mirror>/<id[1:3]>/<id>.cif.gz``) is read in place and nothing is downloaded. With
+  ``download_dir`` holding the three metadata files they are checked (and matched against
+  ``download.expected`` pins where given) and linked, not fetched: ``download_dir`` plus
+  ``mirror`` runs with no network at all. A metadata file that does not parse as its wwPDB
+  format (an error page served with status 200) is deleted and fetched again, never read as
+  "no entries"; a structure that is not a complete gzip is fetched again (``retries`` rounds).
 - ``embedded``: real chains shipped in the ``mdanalysistests`` sdist (found with importlib,
   never imported), each kept chain written as its own mmCIF so that :func:`preprocess` reads
   both sources with the same reader.
@@ -34,10 +39,20 @@ C-alpha extraction (gemmi by default, Biopython's ``MMCIFParser`` with ``backend
 biopython``; both feed one selection routine, so their outputs are identical):
 
 - first model only; the chain is the author chain id (``auth_asym_id``);
-- a residue named one of the 20 standard amino acids contributes its CA (residues without a
-  CA are skipped, which a later CA-CA distance flags as a break); water is skipped;
-- a residue with another name that has backbone N, CA and C (e.g. ``MSE``) is a non-standard
-  amino acid: the whole chain is quarantined; any other residue (ligand, ion, cap) is skipped;
+- a chain is its polymer: only residues of the chain's polymer entity are considered, read
+  from the file (``_entity.type`` of the residue's ``label_entity_id`` is ``polymer``; a file
+  without ``_entity`` uses ``label_seq_id``, which only polymer residues carry). Ligands,
+  waters, ions and other non-polymer groups that share the author chain are never selected,
+  never quarantine the chain and never create a break, whatever their atom names (the
+  methionine moiety of SAM has atoms N, CA and C; a free amino acid ligand is named GLU);
+- a polymer residue named one of the 20 standard amino acids contributes its CA (residues
+  without a CA are skipped, which a later CA-CA distance flags as a break);
+- modified residues: a polymer residue with a CA and any other name (``MSE``, ``SEP``,
+  ``UNK``, ...) quarantines the whole chain ("non-standard residue MSE"), as Proteína keeps
+  standard residues only; polymer caps without a CA (``ACE``, ``NH2``) are skipped;
+- a file with neither ``_entity`` nor ``label_seq_id`` (legacy files; the embedded builder's
+  input) falls back to names: water skipped, a non-standard residue with backbone N, CA and C
+  quarantines the chain, any other residue is skipped;
 - alternate locations: altloc ``A`` if present, else the highest occupancy (first on ties);
   the same rule picks between point-mutation variants sharing one residue number;
 - a truncated or corrupt gzip, an unparseable file, a chain with no CA, a missing chain or a
@@ -163,8 +178,10 @@ class CAChain:
 
 
 # A residue as a backend reports it: (name, seq number, insertion code, has N and C,
-# [(altloc, occupancy, x, y, z) for every CA]) with float32 occupancy and coordinates (Å).
-_Record = tuple[str, int, str, bool, list[tuple[str, float, float, float, float]]]
+# [(altloc, occupancy, x, y, z) for every CA], polymer) with float32 occupancy and coordinates
+# (Å); polymer is True/False from the file's entity records, None when the file has none.
+_Record = tuple[str, int, str, bool, list[tuple[str, float, float, float, float]], bool | None]
+_ResKey = tuple[str, int, str, str]  # (auth chain, auth seq number, insertion code, name)
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
@@ -204,6 +221,49 @@ def _decode(raw: bytes | str) -> str:
         return raw.decode("latin-1")
 
 
+def polymer_index(column) -> dict[_ResKey, bool] | None:
+    """Which residues of model 1 belong to a polymer entity, from the mmCIF categories.
+
+    ``column(tag)`` returns the values of one mmCIF item (a list of strings) or None; both
+    backends pass their parser's own view of the same file, so they decide identically.
+    Returns (auth chain, auth seq number, insertion code, residue name) -> polymer, or None
+    when the file has neither ``_entity.type`` nor ``_atom_site.label_seq_id``.
+    """
+    seq = column("_atom_site.label_seq_id")
+    ent = column("_atom_site.label_entity_id")
+    types = dict(zip(column("_entity.id") or [], column("_entity.type") or []))
+    use_types = bool(types) and bool(ent)
+    if not use_types and not seq:
+        return None
+    chain = column("_atom_site.auth_asym_id") or column("_atom_site.label_asym_id")
+    num = column("_atom_site.auth_seq_id") or column("_atom_site.label_seq_id")
+    comp = column("_atom_site.label_comp_id") or column("_atom_site.auth_comp_id")
+    if not chain or not num or not comp:
+        return None
+    icode = column("_atom_site.pdbx_PDB_ins_code") or ["?"] * len(chain)
+    model = column("_atom_site.pdbx_PDB_model_num")
+    first = model[0] if model else None
+    out: dict[_ResKey, bool] = {}
+    last = None
+    for i in range(len(chain)):
+        if model and model[i] != first:
+            continue
+        key = (chain[i], num[i], icode[i], comp[i])
+        if key == last:
+            continue  # atoms of the residue just seen
+        last = key
+        try:
+            rkey = (chain[i], int(num[i]), "" if icode[i] in ("?", ".") else icode[i], comp[i])
+        except ValueError:
+            continue
+        if use_types:
+            poly = types.get(ent[i], "").strip("'\"").lower() == "polymer"
+        else:
+            poly = seq[i] not in ("?", ".")
+        out[rkey] = out.get(rkey, False) or poly
+    return out
+
+
 def _gemmi_records(data: bytes | str, chains: set[str] | None) -> dict[str, list[_Record]]:
     import gemmi
 
@@ -216,19 +276,33 @@ def _gemmi_records(data: bytes | str, chains: set[str] | None) -> dict[str, list
         raise StructureError(f"unparseable mmCIF ({type(e).__name__}: {e})") from e
     if len(st) == 0:
         raise StructureError("unparseable mmCIF (no atoms / no model)")
+    block = doc[0]
+
+    def column(tag: str) -> list[str] | None:
+        values = block.find_values(tag)
+        return list(values) if values is not None and len(values) else None
+
+    index = polymer_index(column)
     out: dict[str, list[_Record]] = {}
     f32 = np.float32
     for ch in st[0]:  # gemmi may split one author chain into parts: concatenate in file order
         if chains is not None and ch.name not in chains:
             continue
-        out.setdefault(ch.name, []).extend(_gemmi_chain_records(ch, f32))
+        out.setdefault(ch.name, []).extend(_gemmi_chain_records(ch, f32, index))
     return out
 
 
-def _gemmi_chain_records(chain, f32=np.float32) -> list[_Record]:
+def _gemmi_chain_records(
+    chain, f32=np.float32, index: dict[_ResKey, bool] | None = None
+) -> list[_Record]:
     """Records of the residues of one gemmi chain that have a CA (the others never count)."""
     recs: list[_Record] = []
     for res in chain:
+        polymer = None
+        if index is not None:
+            polymer = index.get((chain.name, res.seqid.num, res.seqid.icode.strip(), res.name))
+            if not polymer:
+                continue  # ligand, water, ion sharing the author chain: never part of it
         ca = res.find_atom("CA", "*")
         if ca is None:
             continue  # water, ions, ligands, residues without CA: never selected
@@ -253,7 +327,7 @@ def _gemmi_chain_records(chain, f32=np.float32) -> list[_Record]:
             res.find_atom("N", "*") is not None and res.find_atom("C", "*") is not None
         )
         seqid = res.seqid
-        recs.append((name, seqid.num, seqid.icode.strip(), has_nc, cas))
+        recs.append((name, seqid.num, seqid.icode.strip(), has_nc, cas, polymer))
     return recs
 
 
@@ -262,14 +336,20 @@ def _biopython_records(data: bytes | str, chains: set[str] | None) -> dict[str, 
 
     from Bio.PDB.MMCIFParser import MMCIFParser
 
+    parser = MMCIFParser(QUIET=True, PERMISSIVE=True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            st = MMCIFParser(QUIET=True, PERMISSIVE=True).get_structure(
-                "x", io.StringIO(_decode(data))
-            )
+            st = parser.get_structure("x", io.StringIO(_decode(data)))
     except Exception as e:  # Biopython raises many kinds for malformed input
         raise StructureError(f"unparseable mmCIF ({type(e).__name__}: {e})") from e
+    mmcif = parser._mmcif_dict  # the parsed categories (Biopython keeps them on the parser)
+
+    def column(tag: str) -> list[str] | None:
+        values = mmcif.get(tag)
+        return list(values) if values else None
+
+    index = polymer_index(column)
     models = list(st)
     if not models:
         raise StructureError("unparseable mmCIF (no atoms / no model)")
@@ -284,9 +364,14 @@ def _biopython_records(data: bytes | str, chains: set[str] | None) -> dict[str, 
             variants = residue.disordered_get_list() if residue.is_disordered() == 2 else [residue]
             for res in variants:
                 name = res.get_resname()
-                if name in WATER:
-                    continue
                 _, num, icode = res.id
+                polymer = None
+                if index is not None:
+                    polymer = index.get((ch.id, int(num), icode.strip(), name))
+                    if not polymer:
+                        continue  # ligand, water, ion sharing the author chain
+                elif name in WATER:
+                    continue
                 cas = []
                 has_n = has_c = False
                 for a in res.get_unpacked_list():
@@ -308,7 +393,7 @@ def _biopython_records(data: bytes | str, chains: set[str] | None) -> dict[str, 
                     elif an == "C":
                         has_c = True
                 if cas:  # residues without a CA are never selected (as in the gemmi reader)
-                    recs.append((name, int(num), icode.strip(), has_n and has_c, cas))
+                    recs.append((name, int(num), icode.strip(), has_n and has_c, cas, polymer))
     return out
 
 
@@ -333,7 +418,9 @@ def select_residues(
     """Apply the selection rule to one chain's records.
 
     Returns ``([(residue name, CA xyz Å), ...], reason)`` with ``reason`` set when the chain
-    must be quarantined (non-standard residue).
+    must be quarantined (non-standard residue). Records flagged non-polymer are skipped; a
+    polymer residue with a CA that is not one of the 20 quarantines; records without polymer
+    information (None) follow the legacy name rule (module docstring).
     """
     out: list[tuple[str, tuple[float, float, float]]] = []
     n = len(records)
@@ -349,12 +436,15 @@ def select_residues(
             if flat:
                 rec = records[flat[_pick_ca([c for c, _ in flat])][1]]
         i = j
-        name, _, _, has_nc, cas = rec
+        name, _, _, has_nc, cas = rec[:5]
+        polymer = rec[5] if len(rec) > 5 else None
+        if polymer is False:
+            continue
         if name in RESIDUE_INDEX:
             if cas:
                 c = cas[0] if len(cas) == 1 else cas[_pick_ca(cas)]
                 out.append((name, (c[2], c[3], c[4])))
-        elif has_nc and cas:
+        elif cas and (polymer or has_nc):
             return out, f"non-standard residue {name}"
     return out, None
 
@@ -467,7 +557,8 @@ def parse_entry_type(path: str | os.PathLike) -> dict[str, tuple[str, str]]:
     with open(path, errors="replace") as f:
         for line in f:
             parts = line.split()
-            if len(parts) >= 3:
+            # an id, then the type: other lines (an HTML page served instead) never count
+            if len(parts) >= 3 and re.fullmatch(r"[0-9A-Za-z_]{4,12}", parts[0]):
                 out[parts[0].lower()] = (parts[1], parts[2])
     return out
 
@@ -563,6 +654,78 @@ def _write_manifest(df, out_dir: Path) -> Path:
     return dest
 
 
+METADATA_FILES = {
+    "seqres": "pdb_seqres.txt.gz",
+    "resolu": "resolu.idx",
+    "entry_type": "pdb_entry_type.txt",
+}
+
+
+def _check_metadata(name: str, path: Path) -> None:
+    """Refuse a metadata file that is not what wwPDB publishes (e.g. an HTML error page)."""
+    from equipipe.data.download import DownloadError, verify_gzip
+
+    if name == "seqres":
+        verify_gzip(path)
+        n = next(iter(parse_seqres(path)), None) is not None
+    elif name == "resolu":
+        n = bool(parse_resolu(path))
+    else:
+        n = bool(parse_entry_type(path))
+    if not n:
+        head = Path(path).read_bytes()[:80]
+        raise DownloadError(
+            f"{path} holds no {METADATA_FILES[name]} records (starts with {head!r}); an HTML "
+            "error page or an empty file was served: delete it and download it again"
+        )
+
+
+def _metadata(cfg: dict[str, Any], meta: Path, kw: dict[str, Any]) -> dict[str, Path]:
+    """The three wwPDB metadata files in ``meta``.
+
+    With ``download_dir`` holding them (a local copy: a cluster node without internet), they
+    are checked and linked and nothing is contacted; else each is fetched from wwPDB. A file
+    that does not parse (an HTML page served with status 200) is deleted and fetched again.
+    """
+    from equipipe.data.download import DownloadError, fetch, use_local_copy
+
+    paths: dict[str, Path] = {}
+    local = Path(cfg["download_dir"]).expanduser() if cfg.get("download_dir") else None
+    meta.mkdir(parents=True, exist_ok=True)
+    expected = cfg.get("expected") or {}
+    unknown = sorted(set(expected) - set(METADATA_FILES.values()))
+    if unknown:
+        raise ValueError(
+            f"pdb download.expected names {unknown}; allowed: {sorted(METADATA_FILES.values())}"
+        )
+    for name, filename in METADATA_FILES.items():
+        dest = meta / filename
+        pin = {k: v for k, v in (expected.get(filename) or {}).items() if v is not None}
+        if local is not None and (local / filename).is_file():
+            _check_metadata(name, local / filename)
+            if not use_local_copy(local / filename, dest, **pin):
+                raise DownloadError(
+                    f"{local / filename} does not match download.expected.{filename} {pin}: "
+                    "replace the local copy or update the pin"
+                )
+            log.info("pdb: %s from the local copy %s (no network)", filename, local)
+            paths[name] = dest
+            continue
+        url = _remote_url(cfg, SOURCES["remote"][name])
+        for attempt in range(1, int(kw["retries"]) + 1):
+            fetch(url, dest, **pin, **kw)
+            try:
+                _check_metadata(name, dest)
+                break
+            except DownloadError:
+                dest.unlink(missing_ok=True)
+                if attempt == int(kw["retries"]):
+                    raise
+                log.warning("pdb: %s was not a %s file; fetching it again", url, filename)
+        paths[name] = dest
+    return paths
+
+
 def download(source: str, out_dir: Path, cfg: dict[str, Any]) -> None:
     """Fetch the metadata, filter, then fetch the selected structures (or use the mirror).
 
@@ -570,7 +733,7 @@ def download(source: str, out_dir: Path, cfg: dict[str, Any]) -> None:
     """
     import polars as pl
 
-    from equipipe.data.download import DownloadError, fetch, fetch_many, verify_gzip
+    from equipipe.data.download import DownloadError, fetch_many, verify_gzip
 
     cfg = options(cfg, "preprocess", "download")  # the metadata filters are preprocess keys
     if source == "embedded":
@@ -585,11 +748,7 @@ def download(source: str, out_dir: Path, cfg: dict[str, Any]) -> None:
         "timeout": float(cfg["timeout"]),
         "backoff": float(cfg["backoff"]),
     }
-    paths = {}
-    for name in ("seqres", "resolu", "entry_type"):
-        url = _remote_url(cfg, SOURCES["remote"][name])
-        paths[name] = fetch(url, meta / url.rsplit("/", 1)[-1], **kw)
-    verify_gzip(paths["seqres"])
+    paths = _metadata(cfg, meta, kw)
     chains = select_chains(paths["seqres"], paths["resolu"], paths["entry_type"], cfg)
     entries = sorted(chains["pdb_id"].unique().to_list())
     if cfg["limit"] is not None:
@@ -609,24 +768,36 @@ def download(source: str, out_dir: Path, cfg: dict[str, Any]) -> None:
         root = out_dir / "mmCIF"
         dests = {e: divided_path(root, e) for e in entries}
         present = {e for e, d in dests.items() if d.exists()}
-        items = [(structure_url(e, cfg), dests[e]) for e in entries]
-        try:
-            fetch_many(items, concurrency=int(cfg["concurrency"]), **kw)
-        except DownloadError as err:
-            failures = getattr(err, "failures", None)
-            if failures is None:
-                raise
-            by_dest = {Path(d).resolve(): e for e, d in dests.items()}
-            for _remote, dest, exc in failures:
-                errors[by_dest[Path(dest).resolve()]] = f"download failed: {exc}"
-        for e in entries:  # gzip integrity of what arrived in this run
-            if e in errors or e in present:
-                continue
+        todo = [e for e in entries if e not in present]
+        # A server may answer 200 with an HTML error page instead of the file (no size or
+        # checksum is published for a structure): what is not a complete gzip is deleted and
+        # fetched again, up to `retries` rounds, before it counts as failed.
+        rounds = int(cfg["retries"])
+        for k in range(rounds):
+            failed: dict[str, str] = {}
+            items = [(structure_url(e, cfg), dests[e]) for e in todo]
             try:
-                verify_gzip(dests[e])
-            except DownloadError as exc:
-                dests[e].unlink(missing_ok=True)
-                errors[e] = f"corrupt gzip: {exc}"
+                fetch_many(items, concurrency=int(cfg["concurrency"]), **kw)
+            except DownloadError as err:
+                failures = getattr(err, "failures", None)
+                if failures is None:
+                    raise
+                by_dest = {Path(d).resolve(): e for e, d in dests.items()}
+                for _remote, dest, exc in failures:
+                    failed[by_dest[Path(dest).resolve()]] = f"download failed: {exc}"
+            for e in todo:  # gzip integrity of what arrived in this run
+                if e in failed:
+                    continue
+                try:
+                    verify_gzip(dests[e])
+                except DownloadError as exc:
+                    dests[e].unlink(missing_ok=True)
+                    failed[e] = f"corrupt gzip: {exc}"
+            todo = [e for e, m in failed.items() if m.startswith("corrupt gzip")]
+            errors.update({e: m for e, m in failed.items() if e not in todo or k == rounds - 1})
+            if not todo:
+                break
+            log.warning("pdb: %d structures were not gzip files; fetching them again", len(todo))
         file_col = {e: str(dests[e].relative_to(out_dir)) for e in entries}
         allowed = float(cfg["max_failed_downloads"]) * max(len(entries), 1)
         if len(errors) > allowed:
@@ -899,8 +1070,13 @@ def preprocess(raw_dir: Path, store_dir: Path, cfg: dict[str, Any]) -> None:
     )
     lo, hi = int(cfg["min_length"]), int(cfg["max_length"])
     by_file: dict[str, list[dict[str, Any]]] = {}
+    origins = {str(r.get("origin") or "") for r in rows}
+    source = cfg.get("source") or (
+        "embedded" if any(o.startswith("mdanalysistests") for o in origins) else "remote"
+    )
     attrs = {
         "dataset": "pdb",
+        "source": source,  # as the SPICE and GEOM stores record theirs
         "units": {"pos": "nm"},
         "residue_alphabet": ONE_LETTER,
         "backend": cfg["backend"],

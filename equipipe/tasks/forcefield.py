@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from equipipe.config import defaults
-from equipipe.models.registry import build_model
+from equipipe.models.registry import build_model, task_statistics
 from equipipe.tasks.base import Batch
 
 DEFAULTS: dict[str, Any] = defaults("task_cfg", "forcefield")  # the schema's
@@ -57,7 +57,14 @@ class ForceFieldTask:
     # --- model ---------------------------------------------------------------------------
 
     def build_model(self, size: str) -> nn.Module:
-        return build_model(self.cfg["model"], size, **(self.cfg["model_overrides"] or {}))
+        """The configured model; models with their own normalisation (``nequip``) get the
+        training statistics of ``fit`` (``model_stats``) and the task's target scales."""
+        overrides = self.cfg["model_overrides"] or {}
+        stats = (self.state or {}).get("model_stats")
+        if stats is not None:
+            s = self.state
+            stats = {**stats, **{k: s[k] for k in ("energy_mean", "energy_std", "force_std")}}
+        return build_model(self.cfg["model"], size, stats=stats, **overrides)
 
     def predict(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
         """One forward pass; energy in eV (reference-subtracted), forces in eV/A."""
@@ -182,6 +189,11 @@ class ForceFieldTask:
             force_std=force_std if force_std > 1e-12 else 1.0,
             n_train=len(train_examples),
         )
+        model_stats = task_statistics(
+            self.cfg["model"], train_examples, **(self.cfg["model_overrides"] or {})
+        )
+        if model_stats is not None:
+            self.state["model_stats"] = model_stats
         return dict(self.state)
 
     def set_state(self, state: dict[str, Any]) -> None:
