@@ -79,9 +79,10 @@ def cmd_train(a) -> None:
         if a.gpus > 1 and not under_launcher():
             # one rank per GPU; exec keeps the leases (inherited lock descriptors) held
             exec_torchrun(a.gpus, sys.argv[1:])
+        from equipipe.timing import process_seconds
         from equipipe.train import train
 
-        train(spec, Path(a.store), Path(a.split), Path(a.subset), Path(a.out))
+        train(spec, Path(a.store), Path(a.split), Path(a.subset), Path(a.out), process_seconds())
 
 
 def cmd_collect(a) -> None:
@@ -117,11 +118,16 @@ def cmd_analyse(a) -> None:
 
         write_efficiency_table(runs, out / "efficiency.parquet", spec)
         return
+    if a.kind == "md":
+        from equipipe.md import md
+
+        md(runs, out, spec)
+        return
     from equipipe import analyses
 
     if a.kind not in ("landscape", "twirling"):
         raise SystemExit(
-            f"equipipe: unknown analysis {a.kind!r}; allowed: landscape, twirling, efficiency"
+            f"equipipe: unknown analysis {a.kind!r}; allowed: landscape, twirling, efficiency, md"
         )
     getattr(analyses, a.kind)(runs[0], out, spec)
 
@@ -298,9 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_figure)
 
     s = sub.add_parser("analyse", help="mechanism analyses of a finished run")
-    s.add_argument("kind", help="landscape | twirling | efficiency")
+    s.add_argument("kind", help="landscape | twirling | efficiency | md")
     s.add_argument(
-        "--run", nargs="+", required=True, help="run folder(s); efficiency takes the matched runs"
+        "--run",
+        nargs="+",
+        required=True,
+        help="run folder(s); efficiency and md take every run of their experiments",
     )
     s.add_argument("--out", required=True)
     s.add_argument("--spec", default="{}")

@@ -23,6 +23,7 @@ SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 MODEL_SIZES: dict[str, tuple[str, ...]] = {
     "escaip": ("tiny", "1M", "4M", "6M"),
     "equivariant": ("tiny", "1M", "4M", "6M"),
+    "nequip": ("tiny", "1M", "4M", "6M"),
     "proteina": ("tiny", "60M", "400M"),
     "voxmol": ("tiny", "7M", "28M", "111M"),
 }
@@ -484,6 +485,26 @@ def _check_analyses(cfg: dict) -> None:
                 raise ConfigError(
                     f"{where}.split: {spec['split']!r} is not a split the experiments log; "
                     f"allowed: {', '.join(have)}"
+                )
+        elif kind == "md":
+            exps = list(a.get("experiments") or [])
+            if not exps:
+                raise ConfigError(
+                    f"analyses.{name}.experiments: an md analysis reads the runs of the model "
+                    "under test (and of an e3nn floor); list them"
+                )
+            spec = {**defaults("analysis", kind), **(a.get("spec") or {})}
+            for key in ("model", "equivariant"):
+                if spec[key] is not None and spec[key] not in exps:
+                    raise ConfigError(
+                        f"{where}.{key}: {spec[key]!r} is not one of analyses.{name}.experiments; "
+                        f"allowed: {', '.join(exps)}"
+                    )
+            ds = dataset_of_experiment(cfg, spec["model"] or exps[0])
+            have = split_names(cfg, ds)
+            if spec["split"] not in have:
+                raise ConfigError(
+                    f"{where}.split: {spec['split']!r} is not a split of dataset {ds!r}; allowed: {', '.join(have)}"
                 )
 
 

@@ -62,6 +62,7 @@ FORMATS = ("png", "pdf", "svg")
 PLUGIN_MODULES: tuple[str, ...] = (
     "equipipe.figures_analysis",
     "equipipe.efficiency",
+    "equipipe.figures_md",
     "equipipe.figures_spectrum",
 )
 

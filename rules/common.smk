@@ -124,6 +124,10 @@ def analysis_runs(a):
 
 def analysis_inputs(wildcards):
     a = analysis_of(wildcards)
+    # md: every checkpoint of the model's runs and the e3nn floor's weights
+    if a["kind"] == "md":
+        names = ("metrics.parquet", "run.json", "model.pt", "checkpoints")
+        return {"runs": run_files(a.get("experiments") or [a["experiment"]], names)}
     if a.get("experiments"):
         return {"runs": run_files(a["experiments"])}
     d = run_dir(a["experiment"], a["seed"])

@@ -10,6 +10,8 @@ rule train:
         info="results/runs/{experiment}/seed{seed}/run.json",
         model="results/runs/{experiment}/seed{seed}/model.pt",
         early="results/runs/{experiment}/seed{seed}/early.pt",
+        # named weights at train.keep_steps (checkpoints/step<N>.pt; empty folder if none)
+        checkpoints=directory("results/runs/{experiment}/seed{seed}/checkpoints"),
     log:
         "logs/train/{experiment}/seed{seed}.log",
     benchmark:

@@ -306,7 +306,7 @@ def test_schema_figure_kinds_and_style_keys_match_the_code():
 
 
 def test_model_overrides_are_the_model_config_fields():
-    from equipipe.models import equivariant, escaip, proteina, voxmol
+    from equipipe.models import equivariant, escaip, nequip_adapter, proteina, voxmol
     from equipipe.models.registry import SIZES
 
     classes = {
@@ -315,10 +315,14 @@ def test_model_overrides_are_the_model_config_fields():
         "proteina": proteina.ProteinaConfig,
         "voxmol": voxmol.VoxMolConfig,
     }
-    assert set(classes) == set(SIZES) == set(eqcfg.block_names("model_overrides"))
+    assert set(classes) | {"nequip"} == set(SIZES) == set(eqcfg.block_names("model_overrides"))
     for name, cls in classes.items():
         fields = [f.name for f in dataclasses.fields(cls)]
         assert eqcfg.allowed_keys("model_overrides", name) == fields, name
+    # nequip: its config fields less the training statistics (those come from the task's fit)
+    fields = [f.name for f in dataclasses.fields(nequip_adapter.NequIPConfig)]
+    fields = [f for f in fields if f not in nequip_adapter.STAT_FIELDS]
+    assert eqcfg.allowed_keys("model_overrides", "nequip") == fields
 
 
 def test_train_and_eval_keys_are_the_training_loop_fields():

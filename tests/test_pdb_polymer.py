@@ -165,3 +165,23 @@ def test_preprocess_keeps_the_chain_and_counts_only_polymer_residues(edited, tmp
     store = Store(tmp_path / "store")
     assert len(store) == 1 and store.quarantine.height == 0
     assert int(store.index["n_atoms"][0]) == 58
+
+
+@pytest.mark.parametrize("entry", ["3PWP", "5PTI", "1BD2"])
+def test_backends_agree_on_every_chain_of_full_real_entries(entry):
+    """Whole deposited entries (3PWP: glycerol and sulfate under polymer chains; 5PTI: phosphate,
+    an unknown atom and D2O under chain A): both backends give the same chains."""
+    from tests.upstreams.wwpdb import _source_dir
+
+    path = _source_dir() / f"{entry}.cif.gz"
+    a = pdb.read_ca_chains(path, backend="gemmi")
+    b = pdb.read_ca_chains(path, backend="biopython")
+    assert a.keys() == b.keys() and len(a) >= 1
+    for k in a:
+        assert type(a[k]) is type(b[k]), (k, a[k], b[k])
+        if isinstance(a[k], pdb.CAChain):
+            assert a[k].sequence == b[k].sequence
+            np.testing.assert_array_equal(a[k].pos, b[k].pos)
+            np.testing.assert_array_equal(a[k].chain_break, b[k].chain_break)
+        else:
+            assert a[k] == b[k]

@@ -27,6 +27,11 @@ from tests.upstreams.midi_mirror import MidiMirror
 TRAIN = {"steps": 3, "batch_size": 2, "lr": 1.0e-3, "checkpoint_every": 3, "analysis_step": 3}
 EVAL = {"every": 3, "early": [], "k": 2, "examples": 2, "batch_size": 2}
 SPLIT = {"fractions": {"train": 0.6, "val": 0.4}, "seed": 0}
+MIDI_SPLIT = {  # MiDi's own split, kept (as paper.yaml keeps MACE-OFF23's)
+    "fractions": {"train": 1.0},
+    "seed": 0,
+    "predefined": {"column": "midi_split", "values": {"train": "train", "val": "val", "test": "test"}},
+}  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -50,13 +55,13 @@ def pdb_block(download: dict, **top) -> dict:
     }
 
 
-def geom_block(source: str, download: dict, **top) -> dict:
+def geom_block(source: str, download: dict, split: dict = SPLIT, **top) -> dict:
     return {
         "source": source,
         **top,
         "download": download,
         "preprocess": {"conformers_per_molecule": 2, "grid_size": 16, "grid_spacing": 1.0},
-        "split": SPLIT,
+        "split": split,
         "subsets": {"all": {"size": 1.0, "unit": "fraction"}},
     }
 
@@ -144,7 +149,7 @@ def dags(pdb_release, geom_rel, tmp_path_factory):
         ),  # fmt: skip
         # MiDi's processed pickles from the mirror, pinned through download.expected
         "midi": workflow_config(
-            {"geom": geom_block("midi", {"midi_url": midi.url, "expected": midi_pins})}
+            {"geom": geom_block("midi", {"midi_url": midi.url, "expected": midi_pins}, MIDI_SPLIT)}
         ),
     }
     wds, procs = {}, {}
@@ -176,7 +181,7 @@ def test_remote_pdb_and_geom_through_the_dag(dags, pdb_release, geom_rel):
     assert set(pdb_store.index["id"]) | set(pdb_store.quarantine["id"]) == want
     assert len(pdb_store) >= len(want) - 2
     assert len(geom_store) + geom_store.quarantine.height == geom_rel.kept_conformers
-    assert geom_store.meta["source"] == "geom-rdkit"
+    assert geom_store.meta["source"] == "geom-rdkit" and pdb_store.meta["source"] == "remote"
     src = json.loads((wd / "resources/geom/geom-rdkit/rdkit_folder.tar.gz.source.json").read_text())
     assert src["md5"] == geom_rel.md5 and src["checksum_source"] == "Dataverse API"
     assert (
@@ -228,5 +233,8 @@ def test_midi_through_the_dag(dags, geom_rel):
     check_finished(wd, {"dn": "geom"})
     store = Store(wd / "results/data/geom/store")
     assert set(store.index["midi_split"]) == {"train", "val", "test"}
+    split = pl.read_parquet(wd / "results/data/geom/split.parquet")
+    ids = dict(zip(store.index["id"], store.index["midi_split"]))
+    assert all(ids[i] == s for i, s in zip(split["id"], split["split"]))  # MiDi's split kept
     assert store.meta["source"] == "midi"
     assert len(store) + store.quarantine.height == geom_rel.kept_conformers

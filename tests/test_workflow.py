@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -94,6 +95,27 @@ def test_end_to_end_outputs_and_report(finished):
     assert "Nothing to be done" in out.stdout + out.stderr
 
 
+def test_named_checkpoints_and_md_analysis_through_snakemake(finished):
+    """train.keep_steps checkpoints are declared outputs; the md analysis reads them and its
+    table and figure reach the report."""
+    wd = finished
+    for d in (wd / "results/runs/ff_default/seed0", wd / "results/runs/ff_default/seed1",
+              wd / "results/runs/ff_c4/seed0"):  # fmt: skip
+        assert sorted(p.name for p in (d / "checkpoints").glob("*.pt")) == ["step2.pt", "step6.pt"]
+        info = json.loads((d / "run.json").read_text())
+        assert info["checkpoints"] == {"checkpoints/step2.pt": 2, "checkpoints/step6.pt": 6}
+    table = pl.read_parquet(wd / "results/analysis/ff_md/md.parquet")
+    raw = table.filter(pl.col("variant") == "raw").sort("seed", "step")
+    assert raw.select("seed", "step").rows() == [(0, 2), (0, 12), (1, 2), (1, 12)]
+    assert set(table["variant"]) == {"raw", "twirl_exact", "conservative"}
+    assert raw["pct"].null_count() == 0 and (raw["n_traj"] == 2).all()
+    assert {"d_5fs", "energy_drift", "angmom_drift", "n_blowups", "drift_symmetry"} <= set(
+        table.columns
+    )
+    assert "<th>d_5fs</th>" in (wd / "results/tables/ff_md.html").read_text()
+    assert (wd / "results/figures/md.png").stat().st_size > 1000
+
+
 def test_adding_a_subset_schedules_only_what_uses_it(finished):
     wd = finished
     cfg = yaml.safe_load((wd / "config.yaml").read_text())
@@ -167,16 +189,34 @@ def test_changed_setting_reruns_dependents_with_short_reason_lines(finished):
     "block, key, value, expected",
     [
         # a preprocess filter: that dataset's preprocess and everything downstream of it
-        ("preprocess", "max_gradient", 0.9, {"preprocess": 1, "split": 1, "subset": 2, "train": 3}),
+        (
+            "preprocess",
+            "max_gradient",
+            0.9,
+            {
+                "preprocess": 1,
+                "split": 1,
+                "subset": 2,
+                "train": 3,
+                "analyse": 1,
+                "analysis_table": 1,
+            },
+        ),
         # a split setting: the split and downstream, never the (costly) preprocess
-        ("split", "seed", 1, {"split": 1, "subset": 2, "train": 3}),
+        (
+            "split",
+            "seed",
+            1,
+            {"split": 1, "subset": 2, "train": 3, "analyse": 1, "analysis_table": 1},
+        ),
     ],
 )
 def test_changing_a_dataset_setting_reruns_only_what_depends_on_it(
     finished, tmp_path, block, key, value, expected
 ):
     """From the dry run (rerun triggers include params): the changed dataset step and its
-    downstream jobs (2 subsets, 3 training runs, the 2 figures drawing them) are scheduled; the
+    downstream jobs (2 subsets, 3 training runs, the md analysis and its table, the 4 figures
+    drawing them) are scheduled; the
     embedded build is not, nor anything upstream of the changed step."""
     cfg = yaml.safe_load((finished / "config.yaml").read_text())
     cfg["datasets"]["spice"].setdefault(block, {})[key] = value
@@ -189,7 +229,7 @@ def test_changing_a_dataset_setting_reruns_only_what_depends_on_it(
     )
     (new / "config.yaml").write_text(yaml.safe_dump(cfg))
     jobs = planned_jobs(snakemake(new, "-n", "--quiet", "rules"))
-    assert jobs.pop("figure") == 2, jobs
+    assert jobs.pop("figure") == 4, jobs
     assert {k: jobs.pop(k, 0) for k in expected} == expected, jobs
     assert set(jobs) <= {"collect", "archive_config", "provenance", "headlines", "all"}, jobs
 

@@ -10,7 +10,12 @@ Sources (``SOURCES``):
   :func:`equipipe.data.download.fetch_many` call with bounded concurrency (retries, HTTP Range
   resume, gzip integrity). With ``mirror`` set, a local rsync tree of
   ``structures/divided/mmCIF`` (``<mirror>/mmCIF/<id[1:3]>/<id>.cif.gz`` or
-  ``<mirror>/<id[1:3]>/<id>.cif.gz``) is read in place and nothing is downloaded.
+  ``<mirror>/<id[1:3]>/<id>.cif.gz``) is read in place and nothing is downloaded. With
+  ``download_dir`` holding the three metadata files they are checked (and matched against
+  ``download.expected`` pins where given) and linked, not fetched: ``download_dir`` plus
+  ``mirror`` runs with no network at all. A metadata file that does not parse as its wwPDB
+  format (an error page served with status 200) is deleted and fetched again, never read as
+  "no entries"; a structure that is not a complete gzip is fetched again (``retries`` rounds).
 - ``embedded``: real chains shipped in the ``mdanalysistests`` sdist (found with importlib,
   never imported), each kept chain written as its own mmCIF so that :func:`preprocess` reads
   both sources with the same reader.
@@ -1065,8 +1070,13 @@ def preprocess(raw_dir: Path, store_dir: Path, cfg: dict[str, Any]) -> None:
     )
     lo, hi = int(cfg["min_length"]), int(cfg["max_length"])
     by_file: dict[str, list[dict[str, Any]]] = {}
+    origins = {str(r.get("origin") or "") for r in rows}
+    source = cfg.get("source") or (
+        "embedded" if any(o.startswith("mdanalysistests") for o in origins) else "remote"
+    )
     attrs = {
         "dataset": "pdb",
+        "source": source,  # as the SPICE and GEOM stores record theirs
         "units": {"pos": "nm"},
         "residue_alphabet": ONE_LETTER,
         "backend": cfg["backend"],

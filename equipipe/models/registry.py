@@ -20,6 +20,7 @@ _MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "proteina": ("equipipe.models.proteina", ("tiny", "60M", "400M")),
     "voxmol": ("equipipe.models.voxmol", ("tiny", "7M", "28M", "111M")),
     "equivariant": ("equipipe.models.equivariant", ("tiny", "1M", "4M", "6M")),
+    "nequip": ("equipipe.models.nequip_adapter", ("tiny", "1M", "4M", "6M")),
 }
 
 SIZES: dict[str, tuple[str, ...]] = {name: sizes for name, (_, sizes) in _MODELS.items()}
@@ -34,10 +35,26 @@ def _entry(name: str, size: str) -> str:
     return module
 
 
-def build_model(name: str, size: str, **overrides: Any) -> nn.Module:
-    """Build ``name`` at ``size`` with config-field overrides (errors name the allowed values)."""
+def build_model(
+    name: str, size: str, stats: dict[str, Any] | None = None, **overrides: Any
+) -> nn.Module:
+    """Build ``name`` at ``size`` with config-field overrides (errors name the allowed values).
+
+    ``stats``: training statistics from :func:`task_statistics`, for models that take them.
+    """
     module = importlib.import_module(_entry(name, size))
+    if stats is not None and hasattr(module, "task_statistics"):
+        return module.build(size, stats=stats, **overrides)
     return module.build(size, **overrides)
+
+
+def task_statistics(name: str, examples: list[dict[str, Any]], **overrides: Any) -> dict | None:
+    """A model family's own normalisation statistics of the training examples (NequIP's
+    neighbour count, force RMS, elements), or None for families without any."""
+    module = importlib.import_module(_entry(name, SIZES[name][0]))
+    if not hasattr(module, "task_statistics"):
+        return None
+    return module.task_statistics(examples, overrides.get("r_max"))
 
 
 def param_count(model: nn.Module) -> int:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from equipipe.config import defaults
-from equipipe.models.registry import build_model
+from equipipe.models.registry import build_model, task_statistics
 from equipipe.tasks.base import Batch
 
 DEFAULTS: dict[str, Any] = defaults("task_cfg", "forcefield")  # the schema's
@@ -57,7 +57,14 @@ class ForceFieldTask:
     # --- model ---------------------------------------------------------------------------
 
     def build_model(self, size: str) -> nn.Module:
-        return build_model(self.cfg["model"], size, **(self.cfg["model_overrides"] or {}))
+        """The configured model; models with their own normalisation (``nequip``) get the
+        training statistics of ``fit`` (``model_stats``) and the task's target scales."""
+        overrides = self.cfg["model_overrides"] or {}
+        stats = (self.state or {}).get("model_stats")
+        if stats is not None:
+            s = self.state
+            stats = {**stats, **{k: s[k] for k in ("energy_mean", "energy_std", "force_std")}}
+        return build_model(self.cfg["model"], size, stats=stats, **overrides)
 
     def predict(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
         """One forward pass; energy in eV (reference-subtracted), forces in eV/A."""
@@ -112,6 +119,31 @@ class ForceFieldTask:
             "energy": pred["energy"],
         }
 
+    def shared_rotated_predictions(
+        self, model: nn.Module, batch: Batch, R: Tensor, plain: bool = True
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None] | None:
+        """Canonicalised predictions of K rotated copies sharing one pass, when the model can.
+
+        For a model with ``forward_rotated`` (an invariant trunk, e.g. the EScAIP-like model;
+        ``equipipe.equivariance.canonical_predictions`` calls this): field -> (K, *shape) stack
+        of g_k^-1 f(g_k x), and the plain prediction ``predict(model, batch)``. None otherwise.
+        R: (K, B, 3, 3).
+        """
+        forward_rotated = getattr(model, "forward_rotated", None)
+        if forward_rotated is None:
+            return None
+        rotated, plain = forward_rotated(batch, R)
+        s = self._require_state()
+        Ra = R.to(rotated["forces"])[:, batch["batch"]]  # (K, N, 3, 3)
+        forces = torch.einsum("knji,knj->kni", Ra, rotated["forces"] * s["force_std"])
+        z = {"forces": forces, "energy": rotated["energy"] * s["energy_std"] + s["energy_mean"]}
+        pred = {
+            "energy": plain["energy"] * s["energy_std"] + s["energy_mean"],
+            "forces": plain["forces"] * s["force_std"],
+            "batch": batch["batch"],
+        }
+        return z, pred
+
     def repeat(self, batch: Batch, k: int) -> Batch:
         """k copies, copy-major: copy c of example b is example c * B + b."""
         n_mol = batch["n_atoms"].shape[0]
@@ -157,6 +189,11 @@ class ForceFieldTask:
             force_std=force_std if force_std > 1e-12 else 1.0,
             n_train=len(train_examples),
         )
+        model_stats = task_statistics(
+            self.cfg["model"], train_examples, **(self.cfg["model_overrides"] or {})
+        )
+        if model_stats is not None:
+            self.state["model_stats"] = model_stats
         return dict(self.state)
 
     def set_state(self, state: dict[str, Any]) -> None:

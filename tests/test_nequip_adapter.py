@@ -1,0 +1,187 @@
+"""The NequIP adapter (equipipe/models/nequip_adapter.py): the `nequip` package's model behind
+the force-field task — parameter counts matched to escaip, exact equivariance in float64,
+forces = -dE/dx, NequIP's normalisation from the training split, and training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from equipipe.equivariance import decompose
+from equipipe.models.registry import build_model, model_info_rows
+from equipipe.so3 import haar_rotations
+from equipipe.tasks.forcefield import ForceFieldTask
+
+from .test_equivariant import as_batch, examples, rotate  # noqa: F401 (fixture)
+
+SMALL = {"num_features": 8, "radial_mlp_width": 16}
+SMALL64 = {**SMALL, "model_dtype": "float64"}
+
+
+def test_sizes_match_escaip_by_parameter_count():
+    escaip = {r["size"]: r["params"] for r in model_info_rows("escaip")}
+    nequip = {r["size"]: r["params"] for r in model_info_rows("nequip")}
+    assert set(nequip) == {"tiny", "1M", "4M", "6M"}
+    for size, n in nequip.items():
+        assert abs(n / escaip[size] - 1) < 0.10, (size, n, escaip[size])
+
+
+def test_normalisation_from_the_training_split(examples):  # noqa: F811
+    task = ForceFieldTask({"model": "nequip", "model_overrides": SMALL64})
+    state = task.fit(examples)
+    stats = state["model_stats"]
+    assert stats["elements"] == [1, 6, 8]
+    forces = np.concatenate([ex["forces"].reshape(-1) for ex in examples])
+    assert stats["force_rms"] == pytest.approx(float(np.sqrt(np.mean(forces**2))))
+    # mean neighbours within r_max = 5 Å, counted directly
+    n_edges = sum(
+        int(((d := np.linalg.norm(ex["pos"][:, None] - ex["pos"][None], axis=-1)) <= 5.0).sum())
+        - len(d)
+        for ex in examples
+    )
+    assert stats["avg_num_neighbors"] == pytest.approx(
+        n_edges / sum(len(ex["z"]) for ex in examples)
+    )
+    model = task.build_model("tiny")
+    assert model.cfg.force_rms == stats["force_rms"]
+    assert model.cfg.energy_std == state["energy_std"] and model.cfg.force_std == state["force_std"]
+    # the rebuilt model of a reloaded run (set_state, then build) has the same statistics
+    task2 = ForceFieldTask({"model": "nequip", "model_overrides": SMALL64})
+    task2.set_state(state)
+    assert task2.build_model("tiny").cfg == model.cfg
+    # global state untouched: float32 default dtype
+    assert torch.get_default_dtype() == torch.float32
+
+
+def test_exactly_equivariant_in_float64(examples):  # noqa: F811
+    task = ForceFieldTask({"model": "nequip", "model_overrides": SMALL64})
+    batch = as_batch(examples, task)
+    torch.manual_seed(0)
+    model = task.build_model("tiny").eval()
+    R = haar_rotations(1, torch.Generator().manual_seed(3), dtype=torch.float64)[0]
+    with torch.no_grad():
+        out, out_r = model(batch), model(rotate(batch, R))
+    assert out["energy"].shape == (6,) and out["forces"].shape == batch["pos"].shape
+    assert out["forces"].dtype == torch.float64 and not out["forces"].requires_grad
+    scale = out["forces"].abs().max()
+    assert scale > 1e-4
+    torch.testing.assert_close(out_r["energy"], out["energy"], rtol=0, atol=1e-12)
+    torch.testing.assert_close(out_r["forces"], out["forces"] @ R.T, rtol=0, atol=1e-12 * scale)
+    d = decompose(model, task, batch, 4, torch.Generator().manual_seed(0))
+    for f in ("forces", "energy"):
+        assert d[f].total > 0 and d[f].pct < 1e-10, (f, d[f].pct)
+
+
+def test_forces_are_minus_energy_gradient(examples):  # noqa: F811
+    task = ForceFieldTask({"model": "nequip", "model_overrides": SMALL64})
+    batch = as_batch(examples[:1], task)
+    torch.manual_seed(0)
+    model = task.build_model("tiny")
+    s = task.state
+    with torch.no_grad():
+        forces = model(batch)["forces"]
+    h = 1e-5
+    for atom, axis in [(0, 0), (3, 2), (7, 1)]:
+        plus, minus = dict(batch), dict(batch)
+        plus["pos"], minus["pos"] = batch["pos"].clone(), batch["pos"].clone()
+        plus["pos"][atom, axis] += h
+        minus["pos"][atom, axis] -= h
+        with torch.no_grad():
+            de = (model(plus)["energy"] - model(minus)["energy"]) * s["energy_std"]  # eV
+        fd = -float(de.sum()) / (2 * h) / s["force_std"]  # normalised units
+        assert abs(fd - float(forces[atom, axis])) < 1e-6 * max(1.0, abs(fd)), (fd, forces)
+    out = model(batch)  # training: the force loss reaches the network's weights
+    assert out["forces"].requires_grad
+    out["forces"].pow(2).sum().backward()
+    assert sum(p.grad.abs().sum() for p in model.parameters() if p.grad is not None) > 0
+
+
+def test_trains_through_the_force_field_task(examples):  # noqa: F811
+    task = ForceFieldTask({"model": "nequip", "model_overrides": SMALL})
+    batch = as_batch(examples, task, torch.float32)
+    torch.manual_seed(0)
+    model = task.build_model("tiny")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = task.loss(task.predict(model, batch), batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0]
+
+
+def test_errors_name_the_allowed_values():
+    with pytest.raises(ValueError, match="num_features"):
+        build_model("nequip", "tiny", mul=8)
+    with pytest.raises(ValueError, match="allowed"):
+        build_model("nequip", "2M")
+    model = build_model("nequip", "tiny", **SMALL64)
+    batch = {
+        "pos": torch.zeros(2, 3, dtype=torch.float64),
+        "z": torch.tensor([1, 2]),  # helium: not a training element
+        "batch": torch.zeros(2, dtype=torch.long),
+        "n_atoms": torch.tensor([2]),
+    }
+    with pytest.raises(ValueError, match=r"elements \[2\]"):
+        model(batch)
+
+
+@pytest.mark.slow  # 33 s to 3 min wall, by machine load (data embedding + training)
+def test_trains_in_the_embedded_pipeline(tmp_path):
+    """A real Snakemake run of the tiny workflow config with the nequip model: embedded SPICE
+    data, the training rule, its metrics (held-out force error and equivariance share)."""
+    import polars as pl
+    import yaml
+
+    from .test_workflow import TINY, snakemake
+
+    cfg = yaml.safe_load(TINY.read_text())
+    ff = cfg["tasks"]["forcefield"]
+    ff.update(model="nequip", train={**ff["train"], "steps": 6})
+    ff["task_cfg"] = {**ff["task_cfg"], "model_overrides": SMALL}
+    cfg["experiments"] = {"ff_nequip": {"task": "forcefield", "subset": "all", "seeds": [0]}}
+    cfg["figures"] = {
+        "pct": {"kind": "pct_vs_step", "experiments": ["ff_nequip"], "caption": "nequip"}
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "results" / "runs" / "ff_nequip" / "seed0"
+    snakemake(tmp_path, "--cores", "2", str(run.relative_to(tmp_path) / "metrics.parquet"))
+    info = __import__("json").loads((run / "run.json").read_text())
+    assert info["task_state"]["model_stats"]["avg_num_neighbors"] > 1
+    m = pl.read_parquet(run / "metrics.parquet")
+    final = m.filter(pl.col("step") == m["step"].max())
+    assert final.height > 0 and final["value"].is_finite().all()
+
+
+def test_tuning_config_plans_the_same_sweep_for_every_model(tmp_path):
+    """config/tuning.yaml over config/config.yaml plans one training job per (model, learning
+    rate, warm-up): >= 4 learning rates and the same grid for each model of the gap."""
+    import subprocess
+    import sys
+    from collections import defaultdict
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    sweep = yaml.safe_load((root / "config" / "tuning.yaml").read_text())["experiments"]
+    grids = defaultdict(set)
+    for exp in sweep.values():
+        grids[exp["model"]].add((exp["train"]["lr"], exp["train"]["warmup_steps"]))
+    assert set(grids) == {"escaip", "equivariant", "nequip"}
+    assert len({g for g in map(frozenset, grids.values())}) == 1  # the same budget
+    assert len({lr for lr, _ in grids["nequip"]}) >= 4
+    bin_dir = Path(sys.executable).parent
+    out = subprocess.run(
+        [str(bin_dir / "snakemake"), "-n", "-s", str(root / "workflow" / "Snakefile"),
+         "--directory", str(tmp_path), "--configfile", str(root / "config" / "config.yaml"),
+         str(root / "config" / "tuning.yaml")],
+        capture_output=True, text=True, env={**__import__("os").environ, "PATH": f"{bin_dir}:"
+         + __import__("os").environ["PATH"]}, check=True,
+    )  # fmt: skip
+    text = out.stdout + out.stderr
+    for name in sweep:
+        assert f"results/runs/{name}/seed0/metrics.parquet" in text, name
