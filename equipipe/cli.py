@@ -79,9 +79,10 @@ def cmd_train(a) -> None:
         if a.gpus > 1 and not under_launcher():
             # one rank per GPU; exec keeps the leases (inherited lock descriptors) held
             exec_torchrun(a.gpus, sys.argv[1:])
+        from equipipe.timing import process_seconds
         from equipipe.train import train
 
-        train(spec, Path(a.store), Path(a.split), Path(a.subset), Path(a.out))
+        train(spec, Path(a.store), Path(a.split), Path(a.subset), Path(a.out), process_seconds())
 
 
 def cmd_collect(a) -> None:

@@ -196,32 +196,65 @@ def example_rotations(
     return haar_rotations(k * n_examples, generator, dtype=dtype).reshape(k, n_examples, 3, 3)
 
 
+def no_grad(model: nn.Module):
+    """The context for gradient-free forwards: ``torch.inference_mode`` (no autograd
+    bookkeeping at all), or ``torch.no_grad`` for a model that differentiates inside its own
+    forward (``autograd_in_forward``, e.g. gradient forces)."""
+    return (
+        torch.no_grad() if getattr(model, "autograd_in_forward", False) else torch.inference_mode()
+    )
+
+
 def canonical_predictions(
     model: nn.Module,
     task: Task,
     batch: Batch,
     R: Tensor,
     device_strategy: str = "auto",
-) -> dict[str, Tensor]:
+    plain: bool = False,
+    probed: list[str] | None = None,
+) -> dict[str, Tensor] | tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Canonicalised predictions of every field for rotations R (K, B, 3, 3).
 
+    A task may share work across the K rotations where the maths allows: when it has
+    ``shared_rotated_predictions(model, batch, R, plain)`` and that returns a result (e.g. the force
+    field with a model whose trunk is rotation invariant: one trunk pass, K cheap heads), that
+    is used instead of K forwards (``device_strategy`` then does not apply).
+
+    Args:
+        plain: also return the unrotated prediction ``task.predict(model, batch)`` (for the
+            accuracy), from the same pass where possible.
+        probed: module names whose outputs hooks record per forward (the spectrum probe): the
+            shared pass is used only when the model runs each of them once per copy (its
+            ``per_copy_modules``), so the hooks still see K copies.
+
     Returns:
-        field -> (K, *shape) stack of g_k^-1 f(g_k x).
+        field -> (K, *shape) stack of g_k^-1 f(g_k x); with ``plain``, (that, prediction).
     """
     k = R.shape[0]
     device = next(iter(batch.values())).device
     R = R.to(device)
+    shared = getattr(task, "shared_rotated_predictions", None)
+    per_copy = tuple(getattr(model, "per_copy_modules", ()))
+    if probed and not all(any(n == p or n.startswith(p + ".") for p in per_copy) for n in probed):
+        shared = None
+    out = shared(model, batch, R, plain) if shared is not None else None
+    if out is not None:
+        z, pred = out
+        return (z, pred) if plain else z
     if _resolve_strategy(device_strategy, batch) == "batched":
         big = task.repeat(batch, k)
         Rb = R.reshape(-1, 3, 3)
         pred = task.canonicalize(task.predict(model, task.rotate(big, Rb)), Rb)
-        return {f: v.reshape(k, -1, *v.shape[1:]) for f, v in pred.items()}
+        z = {f: v.reshape(k, -1, *v.shape[1:]) for f, v in pred.items()}
+        return (z, task.predict(model, batch)) if plain else z
     outs: dict[str, list[Tensor]] = {}
     for i in range(k):
         pred = task.canonicalize(task.predict(model, task.rotate(batch, R[i])), R[i])
         for f, v in pred.items():
             outs.setdefault(f, []).append(v)
-    return {f: torch.stack(v) for f, v in outs.items()}
+    z = {f: torch.stack(v) for f, v in outs.items()}
+    return (z, task.predict(model, batch)) if plain else z
 
 
 def decompose(
@@ -253,17 +286,85 @@ def decompose(
     """
     B = task.num_examples(batch)
     R = example_rotations(B, k, generator, rotations)
-    with torch.no_grad():
-        z = canonical_predictions(model, task, batch, R, device_strategy)
+    probed = record.get("layers") if record is not None else None
+    with no_grad(model):
+        z = canonical_predictions(model, task, batch, R, device_strategy, probed=probed)
         y = task.target(batch)
+    return _decompositions(task, batch, z, y, R, rotations is not None, record)
+
+
+def _decompositions(task, batch, z, y, R, exhaustive, record) -> dict[str, Decomposition]:
     masks = task.element_mask(batch) or {}
     if record is not None:
         record.update(z=z, R=R, masks=masks)
     return {
-        f: decomposition_from_predictions(z[f], y[f], rotations is not None, masks.get(f))
+        f: decomposition_from_predictions(z[f], y[f], exhaustive, masks.get(f))
         for f in task.fields
         if f in z
     }
+
+
+@dataclass
+class ViewResult:
+    """What one evaluation view's forward passes give (``evaluate_view``).
+
+    Attributes:
+        decompositions: field -> Decomposition.
+        prediction: the unrotated prediction ``task.predict(model, batch)`` (detached), or None.
+    """
+
+    decompositions: dict[str, Decomposition]
+    prediction: dict[str, Tensor] | None
+    _graph: tuple | None = None  # (model, z, y, mask, k) when built with gradients
+
+    def gradient_norms(self, eps: float = 1e-8) -> dict[str, float]:
+        """The gradient-norm ratio of the primary field through the SAME K forwards (backward
+        passes only); the view must have been evaluated with ``gradients=True``."""
+        if self._graph is None:
+            raise RuntimeError("evaluate_view(..., gradients=True) keeps the graph for this")
+        model, z, y, mask, k = self._graph
+        self._graph = None  # one use: the graph is freed after the backward passes
+        return gradient_norms_from(model, z, y, mask, k, eps)
+
+
+def evaluate_view(
+    model: nn.Module,
+    task: Task,
+    batch: Batch,
+    k: int,
+    generator: torch.Generator | None,
+    device_strategy: str = "auto",
+    rotations: Tensor | None = None,
+    record: dict | None = None,
+    gradients: bool = False,
+    plain: bool = True,
+) -> ViewResult:
+    """One evaluation view from ONE set of forward passes: the decomposition, the plain
+    prediction (for the accuracy) and, with ``gradients``, the graph of the gradient-norm ratio.
+
+    The rotations come from ``generator`` exactly as in ``decompose`` (same draws, same
+    decomposition). With ``gradients`` the K forwards keep their graph and
+    ``ViewResult.gradient_norms`` differentiates THEIR outputs, so the ratio is measured with
+    the decomposition's own rotations, without a second set of K forwards. Otherwise
+    everything runs under ``no_grad(model)``.
+    """
+    B = task.num_examples(batch)
+    R = example_rotations(B, k, generator, rotations)
+    probed = record.get("layers") if record is not None else None
+    with torch.enable_grad() if gradients else no_grad(model):
+        out = canonical_predictions(model, task, batch, R, device_strategy, plain, probed)
+    z, pred = out if plain else (out, None)
+    with no_grad(model):
+        y = task.target(batch)
+    zd = {f: v.detach() for f, v in z.items()}
+    dec = _decompositions(task, batch, zd, y, R, rotations is not None, record)
+    graph = None
+    if gradients:
+        f = task.primary_field
+        mask = (task.element_mask(batch) or {}).get(f)
+        graph = (model, z[f], y[f].detach(), mask, k)
+    pred = None if pred is None else {f: v.detach() for f, v in pred.items()}
+    return ViewResult(dec, pred, graph)
 
 
 def twirl(
@@ -312,6 +413,18 @@ def gradient_norms(
     z = canonical_predictions(model, task, batch, R, device_strategy)[field]
     y = task.target(batch)[field].detach()
     mask = (task.element_mask(batch) or {}).get(field)
+    return gradient_norms_from(model, z, y, mask, k, eps)
+
+
+def gradient_norms_from(
+    model: nn.Module, z: Tensor, y: Tensor, mask: Tensor | None, k: int, eps: float = 1e-8
+) -> dict[str, float]:
+    """The gradient norms of ``gradient_norms`` from K canonicalised predictions with a graph.
+
+    Args:
+        z: (K, *shape) predictions that require grad (built with autograd on).
+        y: (*shape) target. mask: optional element mask (``decomposition_terms``). k: K.
+    """
     _, m, e, n = decomposition_terms(z, y, mask)
     equiv_unb = k / (k - 1) * e / n
     mean = m / n

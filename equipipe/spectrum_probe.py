@@ -107,7 +107,7 @@ class SpectrumProbe:
     @contextmanager
     def recording(self, model: nn.Module):
         """Record the named modules' outputs of every forward pass inside the block."""
-        self.record = {}
+        self.record = {"layers": list(self.layers)}  # canonical_predictions reads the names
         self._features = {n: [] for n in self.layers}
         modules = dict(model.named_modules())
         handles = []

@@ -35,12 +35,13 @@ from equipipe import distributed as ddp
 from equipipe.checkpoint import atomic_save, rng_state, set_rng_state
 from equipipe.collect import METRICS_SCHEMA as METRIC_SCHEMA
 from equipipe.collect import METRICS_SCHEMA_VERSION
-from equipipe.equivariance import Decomposition, decompose, gradient_norms, head_deviation
+from equipipe.equivariance import Decomposition, evaluate_view, head_deviation, no_grad
 from equipipe.loader import RunData, step_generator
 from equipipe.so3 import haar_rotations
 from equipipe.spectrum_probe import SpectrumProbe, probe_layers, spectrum_due
 from equipipe.tasks import make_task
 from equipipe.tasks.base import Batch, Task, to_device
+from equipipe.timing import EVAL_PARTS, Timer
 
 
 @dataclass
@@ -218,7 +219,9 @@ class Trainer:
         subset_file: Path,
         out_dir: Path,
     ):
+        t_init = time.perf_counter()
         self.spec = spec
+        self.timer = Timer()  # seconds outside training steps, by part (run.json)
         self.paths = {"store": str(store_dir), "split": str(split_file), "subset": str(subset_file)}
         self.out = Path(out_dir)
         self.work = self.out / "work"
@@ -255,6 +258,7 @@ class Trainer:
         self._stop_signal: int | None = None
         wrapped = ddp.wrap(self.model)
         self.forward_model = torch.compile(wrapped) if self.tcfg.compile else wrapped
+        self.timer.add("setup", time.perf_counter() - t_init)  # data, normalisation, model
 
     # --- checkpointing --------------------------------------------------------------
 
@@ -270,6 +274,10 @@ class Trainer:
         """
         if not ddp.is_main():
             return
+        with self.timer("io"):
+            self._save_checkpoint()
+
+    def _save_checkpoint(self) -> None:
         state = {
             "spec_hash": self.spec_hash(),
             "step": self.step,
@@ -279,6 +287,7 @@ class Trainer:
             "ema_updates": self.ema.updates if self.ema else 0,
             "train_seconds": self.train_seconds,
             "wall": self.wall_offset + time.perf_counter() - self.wall0,
+            "timing": self.timer.seconds,
             "rng": rng_state(self.device),
             "metrics": pl.DataFrame(self.rows, schema=METRIC_SCHEMA).to_dict(as_series=False),
         }
@@ -305,6 +314,8 @@ class Trainer:
         self.step = int(state["step"])
         self.train_seconds = float(state["train_seconds"])
         self.wall_offset = float(state["wall"])
+        for name, v in (state.get("timing") or {}).items():  # earlier processes' seconds
+            self.timer.add(name, float(v))
         self.rows = pl.DataFrame(state["metrics"], schema=METRIC_SCHEMA).to_dicts()
         set_rng_state(state["rng"], self.device)
         print(f"[train] resumed from step {self.step} ({ckpt})", file=sys.stderr)
@@ -341,7 +352,15 @@ class Trainer:
         return split, (float(t) if t is not None else None)
 
     def evaluate(self) -> None:
+        """One evaluation of the live weights on the fixed held-out batches (timed by part)."""
+        t0 = time.perf_counter()
+        self._evaluate()
+        self.timer.add("eval", time.perf_counter() - t0)
+        self.timer.add("evaluations", 1)
+
+    def _evaluate(self) -> None:
         model = self.model
+        timer = self.timer
         was_training = model.training
         model.eval()
         gen = torch.Generator().manual_seed(self.ecfg.seed)
@@ -358,39 +377,45 @@ class Trainer:
                 split, t = self._split_and_t(labels)
                 rotation_set = getattr(self.task, "rotation_set", None)
                 rotations = rotation_set(labels) if rotation_set else None
-                with spec.recording(model) if spec else contextlib.nullcontext():
+                grads = bi < self.ecfg.grad_norm_batches and rotations is None
+                # the plain forward rides along unless hooks are recording hidden layers
+                plain = t not in seen and not (spec and spec.layers)
+                with (
+                    timer("eval_decomposition"),
+                    spec.recording(model) if spec else contextlib.nullcontext(),
+                ):
                     record = spec.record if spec else None  # z and R, for the spectrum
-                    res = decompose(model, self.task, view, self.ecfg.k, gen,
-                                    self.ecfg.device_strategy, rotations, record)  # fmt: skip
+                    res = evaluate_view(model, self.task, view, self.ecfg.k, gen,
+                                        self.ecfg.device_strategy, rotations, record,
+                                        gradients=grads, plain=plain)  # fmt: skip
                 if spec:
-                    spec.observe(split, t, view, rotations is not None)
-                for f, d in res.items():
+                    with timer("eval_spectrum"):
+                        spec.observe(split, t, view, rotations is not None)
+                for f, d in res.decompositions.items():
                     key = (split, t, f)
                     decs[key] = decs[key] + d if key in decs else d
                 B = self.task.num_examples(view)
                 if t not in seen:
-                    with torch.no_grad():
-                        seen[t] = self.task.accuracy(self.task.predict(model, view), view)
+                    with timer("eval_accuracy"), no_grad(model):
+                        pred = res.prediction or self.task.predict(model, view)
+                        seen[t] = self.task.accuracy(pred, view)
                         if self.ema:
                             ema_pred = self.task.predict(self.ema.model, view)
                             for name, (v, unit) in self.task.accuracy(ema_pred, view).items():
                                 ema_acc.setdefault(("val_ema", t, name), []).append((v, B, unit))
                 for name, (v, unit) in seen[t].items():
                     acc.setdefault((split, t, name), []).append((v, B, unit))
-                if bi < self.ecfg.grad_norm_batches and rotations is None:
-                    ggen = step_generator(self.ecfg.seed, bi, 7)
-                    for name, v in gradient_norms(
-                        model,
-                        self.task,
-                        view,
-                        self.ecfg.k,
-                        ggen,
-                        device_strategy=self.ecfg.device_strategy,
-                    ).items():
+                if grads:
+                    with timer("eval_gradient_norms"):
+                        norms = res.gradient_norms()
+                    for name, v in norms.items():
                         grad_rows.setdefault((split, t, name), []).append(v)
+        with timer("eval_spectrum"):
+            spec_rows = spec.rows(self.task.units) if spec else []
+        t_log = time.perf_counter()
         for (split, t, f), d in decs.items():
             self._log_decomposition(split, f, t, d)
-        for row in spec.rows(self.task.units) if spec else []:
+        for row in spec_rows:
             self._row(**row)
         for table in (acc, ema_acc):
             for (split, t, name), vals in table.items():
@@ -401,8 +426,10 @@ class Trainer:
         head = getattr(getattr(model, "force_head", None), "linear", None)
         if head is not None:
             self._row("val", "head_deviation", head_deviation(head.weight))
+        timer.add("eval_logging", time.perf_counter() - t_log)
         if self.step == 0 and hasattr(self.task, "interpolation_floor"):
-            self.log_interpolation_floor()
+            with timer("eval_floor"):
+                self.log_interpolation_floor()
         model.train(was_training)
 
     def _spectrum_probe(self) -> SpectrumProbe | None:
@@ -524,13 +551,13 @@ class Trainer:
                     self._row("train", "train_loss", loss)
                     self._row("train", "lr", lr_at(self.step - 1, cfg))
                 if self.step == cfg.analysis_step and ddp.is_main():
-                    atomic_save(self.model.state_dict(), early_path)
-                if (
-                    self.step in cfg.keep_steps and ddp.is_main()
-                ):  # moved to checkpoints/ at the end
-                    atomic_save(
-                        self.model.state_dict(), self.work / f"checkpoints/step{self.step}.pt"
-                    )
+                    with self.timer("io"):
+                        atomic_save(self.model.state_dict(), early_path)
+                if self.step in cfg.keep_steps and ddp.is_main():  # to checkpoints/ at the end
+                    with self.timer("io"):
+                        atomic_save(
+                            self.model.state_dict(), self.work / f"checkpoints/step{self.step}.pt"
+                        )
                 if self.step in evals:
                     if ddp.is_main():
                         self.evaluate()
@@ -551,6 +578,7 @@ class Trainer:
     def finish(self, early_path: Path) -> None:
         if not ddp.is_main():
             return
+        t0 = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
         if not early_path.exists():
             torch.save(self.model.state_dict(), early_path)
@@ -567,6 +595,7 @@ class Trainer:
             shutil.copyfile(
                 self.work / f"checkpoints/step{s}.pt", self.out / f"checkpoints/step{s}.pt"
             )
+        self.timer.add("io", time.perf_counter() - t0)  # run.json's own write is not counted
         info = run_info(self)
         info["checkpoints"] = {f"checkpoints/step{s}.pt": s for s in kept}
         (self.out / "run.json").write_text(json.dumps(info, indent=1, default=str))
@@ -584,6 +613,30 @@ def _git_commit() -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def timing_info(tr: Trainer) -> dict[str, Any]:
+    """Where the job's wall time went, next to ``train_seconds`` (seconds; resumes summed).
+
+    ``eval_seconds``: the evaluations' total and its parts (``equipipe.timing.EVAL_PARTS``);
+    ``io_seconds``: checkpoints, early.pt and the final outputs; ``setup_seconds``: opening the
+    data, fitting the normalisation, building the model; ``startup_seconds``: interpreter start
+    and imports (when the CLI measured them); ``wall_seconds``: the loop from the Trainer's
+    set-up to now; ``outside_train_fraction``: 1 - train_seconds / (wall + startup).
+    """
+    t = tr.timer
+    wall = tr.wall_offset + time.perf_counter() - tr.wall0 + t.get("setup")
+    job = wall + t.get("startup")
+    parts = {p: t.get(f"eval_{p}") for p in EVAL_PARTS}
+    return {
+        "eval_seconds": {"total": t.get("eval"), **parts},
+        "evaluations": int(t.get("evaluations")),
+        "io_seconds": t.get("io"),
+        "setup_seconds": t.get("setup"),
+        "startup_seconds": t.get("startup"),
+        "wall_seconds": job,
+        "outside_train_fraction": 1.0 - tr.train_seconds / job if job > 0 else None,
+    }
 
 
 def run_info(tr: Trainer) -> dict[str, Any]:
@@ -619,6 +672,7 @@ def run_info(tr: Trainer) -> dict[str, Any]:
         "params": tr.params,
         "sec_per_step": tr.train_seconds / max(tr.tcfg.steps, 1),
         "train_seconds": tr.train_seconds,
+        **timing_info(tr),
         "device": str(tr.device)
         + (
             f" ({torch.cuda.get_device_name(tr.device)})"
@@ -637,7 +691,19 @@ def run_info(tr: Trainer) -> dict[str, Any]:
 
 
 def train(
-    spec: dict[str, Any], store_dir: Path, split_file: Path, subset_file: Path, out_dir: Path
+    spec: dict[str, Any],
+    store_dir: Path,
+    split_file: Path,
+    subset_file: Path,
+    out_dir: Path,
+    startup_seconds: float | None = None,
 ) -> None:
-    """Train one run (resuming from ``out_dir/work`` when a checkpoint is there)."""
-    Trainer(spec, Path(store_dir), Path(split_file), Path(subset_file), Path(out_dir)).run()
+    """Train one run (resuming from ``out_dir/work`` when a checkpoint is there).
+
+    ``startup_seconds``: what the process spent before (interpreter start, imports; the CLI
+    passes ``equipipe.timing.process_seconds()``), recorded in run.json's ``timing``.
+    """
+    tr = Trainer(spec, Path(store_dir), Path(split_file), Path(subset_file), Path(out_dir))
+    if startup_seconds is not None:
+        tr.timer.add("startup", startup_seconds)
+    tr.run()

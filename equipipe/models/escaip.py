@@ -337,6 +337,42 @@ class EScAIP(nn.Module):
         energy = energy / batch["n_atoms"].to(per_atom.dtype)
         return {"energy": energy, "forces": self.force_head(node, edge, geo)}
 
+    def forward_rotated(
+        self, batch: dict[str, Tensor], R: Tensor
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The outputs for K rotated copies of the batch from ONE trunk pass, and the plain output.
+
+        The trunk sees only invariants of the geometry (distances, cosines, types), so its node
+        and edge states are the same for every rotated copy; only the head's bond directions
+        turn: F_i(R x) = m_i * sum_j (W h_ij) * (R rhat_ij). So copy k costs one head
+        evaluation instead of a forward pass. Equal to ``self(rotated batch)`` up to float
+        rounding of the trunk's inputs (and exact ties at the K-th neighbour, which a rotated
+        copy could break the other way).
+
+        Args:
+            batch: the unrotated batch (module docstring). R: (K, B, 3, 3) rotation per copy and
+                molecule.
+
+        Returns:
+            ({"energy": (K, B), "forces": (K, N, 3)} of the rotated copies, in the ROTATED
+            frames; {"energy": (B,), "forces": (N, 3)} = ``self(batch)``).
+        """
+        node, edge, geo = self.trunk(batch)
+        per_atom = self.energy_head(node).squeeze(-1).to(batch["pos"].dtype)
+        n_mol = batch["n_atoms"].shape[0]
+        energy = per_atom.new_zeros(n_mol).index_add_(0, batch["batch"], per_atom)
+        energy = energy / batch["n_atoms"].to(per_atom.dtype)
+        head = self.force_head
+        c = head.linear(head.ffn(edge))  # (N, K_nb, 3), shared by every copy
+        m = head.magnitudes(node)  # (N,)
+        plain = m[:, None] * (c * geo.rhat).sum(1)  # exactly the forward's head
+        Ra = R.to(geo.rhat)[:, batch["batch"]]  # (K, N, 3, 3)
+        turned = torch.einsum("knij,nsj->knsi", Ra, geo.rhat)  # (K, N, K_nb, 3)
+        forces = m[None, :, None] * (c[None] * turned).sum(2)  # (K, N, 3)
+        k = R.shape[0]
+        rotated = {"energy": energy[None].expand(k, n_mol), "forces": forces}
+        return rotated, {"energy": energy, "forces": plain}
+
     def force_head_features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """What the force head sees, flattened over the E real edges.
 

@@ -152,13 +152,20 @@ class PairBiasedAttention(nn.Module):
         # followed by this Linear is the same family of maps (the affine folds into W, b).
         self.pair_to_bias = nn.Linear(cfg.pair_dim, cfg.n_heads)
 
-    def forward(self, x: Tensor, pair_normed: Tensor, key_mask: Tensor) -> Tensor:
+    def bias(self, pair_normed: Tensor, key_mask: Tensor) -> Tensor:
+        """Attention bias (B, H, L, L) from the pair; padded keys -inf."""
+        bias = self.pair_to_bias(pair_normed).permute(0, 3, 1, 2)  # (B, H, L, L)
+        # Padded keys get -inf; every query still sees >= 1 real residue, so no row is all -inf.
+        return bias.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+
+    def forward(
+        self, x: Tensor, pair_normed: Tensor | None, key_mask: Tensor, bias: Tensor | None = None
+    ) -> Tensor:
+        """``bias``: a precomputed ``self.bias(...)`` (then ``pair_normed`` is not read)."""
         B, L, _ = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.h, self.dh).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
-        bias = self.pair_to_bias(pair_normed).permute(0, 3, 1, 2)  # (B, H, L, L)
-        # Padded keys get -inf; every query still sees >= 1 real residue, so no row is all -inf.
-        bias = bias.masked_fill(~key_mask[:, None, None, :], float("-inf")).to(q.dtype)
+        bias = (self.bias(pair_normed, key_mask) if bias is None else bias).to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.out(out.transpose(1, 2).reshape(B, L, -1))
 
@@ -175,8 +182,15 @@ class Block(nn.Module):
         self.ffn = SwiGLU(cfg.dim, cfg.ffn_mult)
         self.gate_ffn = OutputGate(cfg.dim, cfg.cond_dim)
 
-    def forward(self, x: Tensor, pair_normed: Tensor, cond: Tensor, mask: Tensor) -> Tensor:
-        x = x + self.gate_attn(self.attn(self.norm_attn(x, cond), pair_normed, mask), cond)
+    def forward(
+        self,
+        x: Tensor,
+        pair_normed: Tensor | None,
+        cond: Tensor,
+        mask: Tensor,
+        bias: Tensor | None = None,
+    ) -> Tensor:
+        x = x + self.gate_attn(self.attn(self.norm_attn(x, cond), pair_normed, mask, bias), cond)
         x = x + self.gate_ffn(self.ffn(self.norm_ffn(x, cond)), cond)
         return x * mask[..., None]
 
@@ -265,6 +279,8 @@ class Proteina(nn.Module):
         n_updates = len(range(0, cfg.n_layers, cfg.tri_every)) if cfg.tri_every else 0
         self.pair_updates = nn.ModuleList(PairUpdate(cfg) for _ in range(n_updates))
         self.decoder = Decoder(d)
+        # modules forward_rotated runs once per rotated copy (the spectrum probe may hook them)
+        self.per_copy_modules = ("embed_xt", "blocks", "decoder")
         # hidden features probed by equipipe.spectrum_probe (eval.spectrum_layers overrides):
         # the raw-coordinate token embedding, every trunk block, the decoder's (velocity) output
         self.spectrum_layers = (
@@ -322,6 +338,50 @@ class Proteina(nn.Module):
                 pair_normed = F.layer_norm(pair, (cfg.pair_dim,))
             x = block(x, pair_normed, cond, mask)
         return self.decoder(x) * maskf[..., None]
+
+    def forward_rotated(
+        self, x_t: Tensor, t: Tensor, mask: Tensor, R: Tensor, chain_break: Tensor | None = None
+    ) -> Tensor:
+        """Velocities of K rotated copies of the chains, sharing the invariant pair stack.
+
+        Without self-conditioning and pair updates (``tri_every`` 0) the pair representation
+        depends on x_t only through its distances, so it (and every block's attention bias)
+        is the same for every rotated copy: it is built once from the unrotated x_t and only the
+        token stream runs K times (one batched pass). Equal to ``self(R_k x_t, t, mask)`` up to
+        float rounding of the rotated distances (a distance within rounding of a bin edge could
+        fall in the other bin).
+
+        Args:
+            x_t: (B, L, 3) unrotated noisy coordinates. t: (B,). mask: (B, L) bool.
+            R: (K, B, 3, 3) rotation per copy and chain. chain_break: (B, L) bool or None.
+
+        Returns:
+            (K * B, L, 3) velocities of the rotated copies (copy-major: row k * B + b), in
+            the rotated frames, zero at padding.
+        """
+        cfg = self.cfg
+        if cfg.tri_every:
+            raise ValueError("forward_rotated needs a pair stack without pair updates")
+        K = R.shape[0]
+        B, L, _ = x_t.shape
+        maskf = mask.to(x_t.dtype)
+        cond = self.time_mlp(sinusoidal(t * 1000.0, cfg.t_emb_dim).to(x_t.dtype))
+        pair = self.pair_xt(distance_bins(x_t, cfg.xt_dist_bins, cfg.dist_min, cfg.dist_max))
+        pair = pair + self.pair_sep(separation_bins(L, cfg.seq_sep_bins, x_t.device))
+        pair = pair + self.pair_time(cond)[:, None, None] + self.pair_sc.weight[0]
+        pair_normed = F.layer_norm(pair, (cfg.pair_dim,))
+        xr = torch.einsum("kbij,blj->kbli", R.to(x_t), x_t).reshape(K * B, L, 3)
+        breaks = torch.zeros_like(maskf) if chain_break is None else chain_break.to(x_t.dtype)
+        idx = sinusoidal(torch.arange(L, device=x_t.device).expand(B, L), cfg.idx_emb_dim)
+        idx_term = self.embed_idx(idx.to(x_t.dtype)).repeat(K, 1, 1)
+        break_term = self.embed_break(breaks[..., None]).repeat(K, 1, 1)
+        x = self.embed_xt(xr) + idx_term + break_term + self.embed_sc.bias
+        x = x * maskf.repeat(K, 1)[..., None]
+        condk, maskk = cond.repeat(K, 1), mask.repeat(K, 1)
+        for block in self.blocks:
+            bias = block.attn.bias(pair_normed, mask).repeat(K, 1, 1, 1)  # (K * B, H, L, L)
+            x = block(x, None, condk, maskk, bias)
+        return self.decoder(x) * maskk[..., None].to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------

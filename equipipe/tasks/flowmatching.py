@@ -120,6 +120,30 @@ class FlowMatchingTask:
         x = pred["x1"]
         return {"x1": torch.einsum("bji,blj->bli", R.to(device=x.device, dtype=x.dtype), x)}
 
+    def shared_rotated_predictions(
+        self, model: nn.Module, batch: Batch, R: Tensor, plain: bool = True
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None] | None:
+        """Canonicalised x1 of K rotated copies sharing the model's invariant pair stack.
+
+        For a model with ``forward_rotated`` (Proteína-like without pair updates), when
+        self-conditioning is off (evaluation views): field -> (K, B, L, 3) stack of
+        g_k^-1 f(g_k x), and (``plain``) ``predict(model, batch)``. None otherwise.
+        R: (K, B, 3, 3). Rotation commutes with the interpolation: R x_t = (1-t) R x0 + t R x1.
+        """
+        forward_rotated = getattr(model, "forward_rotated", None)
+        if forward_rotated is None or "x_sc" in batch or getattr(model.cfg, "tri_every", 0):
+            return None
+        K, (B, L) = R.shape[0], batch["mask"].shape
+        x_t = self.interpolate(batch)
+        Rx = R.to(x_t)
+        v = forward_rotated(x_t, batch["t"], batch["mask"], Rx, batch.get("chain_break"))
+        v = v.to(x_t.dtype).reshape(K, B, L, 3) * batch["mask"][..., None]
+        x_rot = torch.einsum("kbij,blj->kbli", Rx, x_t)
+        one_minus_t = (1 - batch["t"].to(x_t.dtype))[:, None, None]
+        x1 = (x_rot + one_minus_t * v) * batch["mask"][..., None]
+        z = {"x1": torch.einsum("kbji,kblj->kbli", Rx, x1)}
+        return z, (self.predict(model, batch) if plain else None)
+
     def repeat(self, batch: Batch, k: int) -> Batch:
         """k copies, copy-major: copy c of example b is example c * B + b."""
         return {key: v.repeat(k, *[1] * (v.dim() - 1)) for key, v in batch.items()}

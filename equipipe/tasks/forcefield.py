@@ -119,6 +119,31 @@ class ForceFieldTask:
             "energy": pred["energy"],
         }
 
+    def shared_rotated_predictions(
+        self, model: nn.Module, batch: Batch, R: Tensor, plain: bool = True
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None] | None:
+        """Canonicalised predictions of K rotated copies sharing one pass, when the model can.
+
+        For a model with ``forward_rotated`` (an invariant trunk, e.g. the EScAIP-like model;
+        ``equipipe.equivariance.canonical_predictions`` calls this): field -> (K, *shape) stack
+        of g_k^-1 f(g_k x), and the plain prediction ``predict(model, batch)``. None otherwise.
+        R: (K, B, 3, 3).
+        """
+        forward_rotated = getattr(model, "forward_rotated", None)
+        if forward_rotated is None:
+            return None
+        rotated, plain = forward_rotated(batch, R)
+        s = self._require_state()
+        Ra = R.to(rotated["forces"])[:, batch["batch"]]  # (K, N, 3, 3)
+        forces = torch.einsum("knji,knj->kni", Ra, rotated["forces"] * s["force_std"])
+        z = {"forces": forces, "energy": rotated["energy"] * s["energy_std"] + s["energy_mean"]}
+        pred = {
+            "energy": plain["energy"] * s["energy_std"] + s["energy_mean"],
+            "forces": plain["forces"] * s["force_std"],
+            "batch": batch["batch"],
+        }
+        return z, pred
+
     def repeat(self, batch: Batch, k: int) -> Batch:
         """k copies, copy-major: copy c of example b is example c * B + b."""
         n_mol = batch["n_atoms"].shape[0]
