@@ -258,12 +258,12 @@ class EquivariantForceField(nn.Module):
         if cfg.forces == "gradient":
             self.force_scale = nn.Parameter(torch.tensor(1.0))
 
-    @torch.no_grad()
     @property
     def autograd_in_forward(self) -> bool:
         """Gradient forces differentiate inside forward: evaluation must not use inference mode."""
         return self.cfg.forces == "gradient"
 
+    @torch.no_grad()
     def set_force_scale(self, sigma_energy_over_sigma_force: float) -> None:
         """Gradient mode: start s (F_norm = -s dE_norm/dx) at σ_E / σ_F of the task's state."""
         if self.cfg.forces != "gradient":

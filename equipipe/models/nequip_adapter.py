@@ -179,6 +179,9 @@ def _init_nequip_global_state() -> None:
 class NequIPForceField(nn.Module):
     """``forward(batch) -> {"energy": (B,), "forces": (N, 3)}`` in the task's normalised units."""
 
+    # Forces are -dE/dx, taken inside forward: evaluation must run under no_grad, not inference mode.
+    autograd_in_forward = True
+
     def __init__(self, cfg: NequIPConfig) -> None:
         super().__init__()
         import warnings
