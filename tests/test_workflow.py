@@ -177,7 +177,9 @@ def test_changed_setting_reruns_dependents_with_short_reason_lines(finished):
     jobs = planned_jobs(out)
     assert jobs.pop("train") == 3 and jobs.pop("archive_config") == 1  # every forcefield run
     # and what reads the runs; no data job
-    assert set(jobs) <= {"figure", "collect", "provenance", "headlines", "all"}, jobs
+    assert set(jobs) <= {
+        "figure", "collect", "provenance", "headlines", "analyse", "analysis_table", "all"
+    }, jobs  # fmt: skip
     reasons = [ln for ln in text.splitlines() if ln.strip().startswith("reason:")]
     params = [ln for ln in reasons if "Params have changed" in ln]
     assert len(params) == 4 and all(".snakemake/equipipe_params/" in ln for ln in params)
@@ -321,7 +323,7 @@ def test_paper_grid_plans_offline_quickly():
 
     wall, cpu, text = plan("config/paper.yaml")
     jobs = planned_jobs(subprocess.CompletedProcess([], 0, text, ""))
-    assert jobs["train"] == 29 and jobs["download_spice"] == 1 and jobs["download_geom"] == 1
+    assert jobs["train"] == 30 and jobs["download_spice"] == 1 and jobs["download_geom"] == 1
     assert cpu < 5.0, f"planning took {cpu:.1f} s of CPU ({wall:.1f} s wall)"
 
 
