@@ -294,6 +294,12 @@ def check_config(cfg: dict) -> dict:
             raise ConfigError(
                 f"{where}.size: {size!r} is not a size of model {model!r}; allowed: {', '.join(MODEL_SIZES[model])}"
             )
+        ev = deep_merge(t.get("eval", {}), e.get("eval", {}))
+        if ev.get("spectrum_every", 0) > 0 and ev.get("k") is not None and ev["k"] < 3:
+            raise ConfigError(
+                f"{where}.eval: spectrum_every needs k >= 3 rotations (pairs of distinct "
+                f"rotations besides the mean), got k={ev['k']}; raise k or set spectrum_every: 0"
+            )
     for name, f in cfg.get("figures", {}).items():
         for e in f.get("experiments", []):
             if e not in exps:

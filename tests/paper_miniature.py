@@ -50,7 +50,7 @@ MAY_SHRINK: dict[str, str] = {
 }
 
 STEPS = 4  # every run
-EVAL = {"every": 2, "early": [1], "k": 2, "examples": 2, "batch_size": 2}
+EVAL = {"every": 2, "early": [1], "k": 3, "examples": 2, "batch_size": 2}  # k >= 3: spectrum
 
 
 def load_paper() -> dict[str, Any]:

@@ -240,6 +240,14 @@ def test_subset_fraction_above_one():
         _check(_put(DEFAULT, "datasets.spice.subsets.c200", {"size": 20.5, "unit": "conformers"}))
 
 
+def test_spectrum_needs_three_rotations_at_plan_time():
+    """Found by the paper grid in miniature: k = 2 with the spectrum on failed only in training."""
+    cfg = _put(DEFAULT, "tasks.forcefield.eval.spectrum_every", 1)
+    with pytest.raises(ConfigError, match=r"experiments\.\w+\.eval: spectrum_every needs k >= 3"):
+        _check(_put(cfg, "tasks.forcefield.eval.k", 2))
+    _check(_put(cfg, "tasks.forcefield.eval.k", 3))
+
+
 def test_unknown_figure_kind():
     with pytest.raises(
         ConfigError, match=r"figures\.ff_pct_linear\.kind: 'pct_vs_time'.*allowed: pct_vs_step"
