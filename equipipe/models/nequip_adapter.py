@@ -10,8 +10,8 @@ parameter counts matched to ``escaip``'s sizes (within 10 %, tests/test_nequip_a
 What the adapter CONVERTS
 -------------------------
 * Batch -> ``AtomicDataDict``: ``pos`` as is; ``z`` -> ``atom_types`` through the element list
-  of the training split (``type_names`` are element symbols; an element absent from training
-  raises); ``batch`` as is; ``n_atoms`` -> ``num_atoms``; ``edge_index`` (centre, neighbour)
+  of the training split joined with the SPICE vocabulary (``type_names`` are element symbols;
+  an element outside both raises); ``batch`` as is; ``n_atoms`` -> ``num_atoms``; ``edge_index`` (centre, neighbour)
   from :func:`equipipe.models.equivariant.radius_graph` with no neighbour cap (NequIP's graph is
   every pair within ``r_max`` of one molecule; molecules are not periodic, so no cell/shifts).
 * NequIP's recommended normalisation, from the TRAINING split (the task's ``fit`` computes it,
@@ -136,10 +136,13 @@ def build(size: str, stats: dict[str, Any] | None = None, **overrides) -> NequIP
 
 
 def task_statistics(examples: list[dict[str, Any]], r_max: float | None = None) -> dict[str, Any]:
-    """NequIP's training statistics of store examples: elements present, mean neighbours within
-    ``r_max`` (Å; default the config's), RMS force component (eV/Å)."""
+    """NequIP's training statistics of store examples: elements (present or in the vocabulary),
+    mean neighbours within ``r_max`` (Å; default the config's), RMS force component (eV/Å)."""
     r_max = NequIPConfig.r_max if r_max is None else float(r_max)
-    elements = sorted({int(z) for ex in examples for z in np.asarray(ex["z"])})
+    # The vocabulary's elements always get a type: a small subset may lack an element (Cl, Br)
+    # that held-out molecules carry; its per-type scale is then untrained, as in escaip.
+    seen = {int(z) for ex in examples for z in np.asarray(ex["z"])}
+    elements = sorted(seen | set(NequIPConfig.elements))
     n_edges = n_nodes = 0
     sq = count = 0.0
     for ex in examples:
@@ -226,7 +229,7 @@ class NequIPForceField(nn.Module):
         types = self.type_of_z[z]
         if bool((types < 0).any()):
             missing = sorted({int(v) for v in z[types < 0]})
-            raise ValueError(f"elements {missing} were not in the nequip model's training split")
+            raise ValueError(f"elements {missing} are not types of the nequip model")
         src, dst = radius_graph(pos, batch, n_atoms, self.cfg.r_max, 1 << 30)
         data = {
             "pos": pos,
