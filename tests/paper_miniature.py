@@ -36,6 +36,13 @@ MAY_SHRINK: dict[str, str] = {
     "analyses.*.spec.ks": "analysis example counts (twirling K)",
     "analyses.*.spec.n_examples": "analysis example counts",
     "analyses.*.spec.repeats": "analysis example counts",
+    "analyses.*.spec.molecules": "analysis example counts (MD molecules)",
+    "analyses.*.spec.rotations": "analysis example counts (MD rotated starts)",
+    "analyses.*.spec.checkpoints": "steps (named checkpoints)",
+    "analyses.*.spec.length_fs": "MD length",
+    "analyses.*.spec.times_fs": "MD length",
+    "tasks.*.train.keep_steps": "steps (named checkpoints)",
+    "figures.*.style.time_fs": "MD length",
     "figures.*.style.xmax": "steps (axis limit)",
     "figures.*.style.dip_window": "steps (window)",
     "figures.*.style.shade_after": "steps",
@@ -50,6 +57,7 @@ MAY_SHRINK: dict[str, str] = {
 }
 
 STEPS = 4  # every run
+MD_FS = 2.0  # every MD trajectory (4 steps of 0.5 fs)
 EVAL = {"every": 2, "early": [1], "k": 3, "examples": 2, "batch_size": 2}  # k >= 3: spectrum
 
 
@@ -128,6 +136,8 @@ def miniature(
         t["batch_size"] = min(t["batch_size"], 4)
         if "warmup_steps" in t:
             t["warmup_steps"] = 1
+        if "keep_steps" in t:
+            t["keep_steps"] = [2]
         task["eval"] = {**task["eval"], **EVAL}
     for exp in cfg["experiments"].values():
         if "size" in exp:
@@ -150,6 +160,9 @@ def miniature(
         if a["kind"] == "twirling":
             spec["ks"] = spec.get("ks", [1, 2])[:2]
             spec["repeats"] = 1
+        if a["kind"] == "md":
+            spec.update(molecules=1, rotations=1, length_fs=MD_FS, times_fs=[MD_FS])
+            spec["checkpoints"] = ["checkpoints/step2.pt", "model.pt"]
     for fig in cfg.get("figures", {}).values():
         style = fig.get("style", {})
         if "xmax" in style:
@@ -158,6 +171,8 @@ def miniature(
             style["dip_window"] = [1, STEPS]
         if "shade_after" in style:
             style["shade_after"] = STEPS // 2
+        if "time_fs" in style:
+            style["time_fs"] = MD_FS
     return cfg
 
 
