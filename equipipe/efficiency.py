@@ -60,6 +60,7 @@ from matplotlib.figure import Figure
 
 from equipipe.config import defaults
 from equipipe.figures import FigureContext, register_kind
+from equipipe.fits import Z1, power_law_fit
 
 ASSUMPTIONS: tuple[str, str] = (
     "(a) the equivariant model reaches the non-equivariant model's twirled loss L_mean "
@@ -79,7 +80,6 @@ TABLE_SCHEMA: dict[str, pl.DataType] = {
     "method": pl.String,
     "note": pl.String,
 }
-Z1 = (15.865, 84.135)  # percentiles of a ±1σ interval
 
 
 # --------------------------------------------------------------------------- pure pieces
@@ -90,43 +90,6 @@ def critical_cost_ratio(p: float, alpha: float) -> float:
     if not (0 <= p < 1) or not alpha > 0:
         return math.nan
     return (1 - p) ** (-1 / alpha)
-
-
-def power_law_fit(compute, loss, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Fit log10 L = a - α log10 C by least squares.
-
-    Returns:
-        {"alpha", "se" (residual SE of the slope), "lo", "hi" (16-84 % pairs bootstrap),
-        "intercept", "n", "boot" (bootstrap α draws, array)}; NaNs with fewer than 3 points.
-    """
-    c, y = np.asarray(compute, float), np.asarray(loss, float)
-    ok = np.isfinite(c) & np.isfinite(y) & (c > 0) & (y > 0)
-    x, y = np.log10(c[ok]), np.log10(y[ok])
-    n = int(x.size)
-    nan = {"alpha": math.nan, "se": math.nan, "lo": math.nan, "hi": math.nan}
-    if n < 3 or np.ptp(x) == 0:
-        return {**nan, "intercept": math.nan, "n": n, "boot": np.array([])}
-    slope, intercept = np.polyfit(x, y, 1)
-    resid = y - (intercept + slope * x)
-    sxx = float(((x - x.mean()) ** 2).sum())
-    se = math.sqrt(float((resid**2).sum()) / (n - 2) / sxx)
-    rng = np.random.default_rng(seed)
-    boot = []
-    for _ in range(n_boot):
-        i = rng.integers(0, n, n)
-        if np.ptp(x[i]) > 0:
-            boot.append(-np.polyfit(x[i], y[i], 1)[0])
-    boot = np.asarray(boot)
-    lo, hi = np.percentile(boot, Z1) if boot.size else (math.nan, math.nan)
-    return {
-        "alpha": float(-slope),
-        "se": se,
-        "lo": float(lo),
-        "hi": float(hi),
-        "intercept": float(intercept),
-        "n": n,
-        "boot": boot,
-    }
 
 
 def cost_ratio(sec_equivariant, sec_baseline) -> dict:

@@ -13,8 +13,8 @@ from equipipe.efficiency import (
     critical_cost_ratio,
     efficiency_table,
     first_reach,
-    power_law_fit,
 )
+from equipipe.fits import power_law_fit
 
 ALPHA, P, A = 0.3, 0.05, 2.0
 STEPS = [0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000]
