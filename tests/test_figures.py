@@ -80,7 +80,7 @@ def _experiment_rows(
                 add(s, split, "grad_norm_mean", t, gm)
                 add(s, split, "grad_ratio", t, ge / gm)
                 if split == "val_haar":
-                    add(s, split, "floor_pct", t, 0.004)
+                    add(s, split, "floor_share", t, 0.004)
     if head:
         for s in STEPS:
             hd = 0.0043 + (0.0107 - 0.0043) * np.exp(-s / 600) * np.exp(rng.normal(0, 0.02))
