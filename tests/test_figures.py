@@ -257,7 +257,7 @@ def test_voxel_floor_line(data, tmp_path):
     metrics, runs = data
     fig = build_figure(SPECS["pct_vs_step_voxel"], metrics, runs)
     labels = [ln.get_label() for ln in fig.axes[0].get_lines()]
-    assert any("interpolation floor" in lab for lab in labels)
+    assert any("resampling floor" in lab for lab in labels)  # floor_share: the model's units
 
 
 def test_grad_ratio_annotates_correlations(data, tmp_path):

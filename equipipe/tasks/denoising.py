@@ -85,6 +85,7 @@ _PER_EXAMPLE = ("n_atoms", "noise_seed", "noise_rot", "noise_fixed", "ball_mask"
 class DenoisingTask:
     name = "denoising"
     fields = ("density",)
+    example_major_fields = ("density",)  # (B, ...) grids: each example is one SE unit
     units = {"density": "density^2"}
     primary_field = "density"
 
@@ -353,4 +354,5 @@ class DenoisingTask:
                 zs.append(self.canonicalize({"density": self.blur(noisy)}, R[i])["density"])
             y = self.target(batch)["density"]
         mask = self.element_mask(batch)["density"]
-        return {"density": decomposition_from_predictions(torch.stack(zs), y, mask=mask)}
+        z = torch.stack(zs)
+        return {"density": decomposition_from_predictions(z, y, mask=mask, per_example=True)}
