@@ -51,7 +51,9 @@ def test_embedded_recipe_learns_to_denoise_and_its_octahedral_pct_falls():
     identity = float((noisy - clean).pow(2).mean())
     zero = float(clean.pow(2).mean())  # the error of predicting nothing
     total = end.per_element()["total"]
-    print(f"pct {start.pct:.3f} -> {end.pct:.3f}; total {total:.2e}, identity {identity:.2e}, zero {zero:.2e}")
+    print(
+        f"pct {start.pct:.3f} -> {end.pct:.3f}; total {total:.2e}, identity {identity:.2e}, zero {zero:.2e}"
+    )
     assert total <= 0.5 * identity
     assert total < zero  # it denoises: better than predicting an empty grid
     assert end.pct <= start.pct / 3, (start.pct, end.pct)
