@@ -179,15 +179,17 @@ class PairBiasedAttention(nn.Module):
     def forward(
         self, x: Tensor, pair_normed: Tensor | None, key_mask: Tensor, bias: Tensor | None = None
     ) -> Tensor:
-        """``bias``: a precomputed ``self.bias(...)`` (then ``pair_normed`` is not read); it may
-        have fewer leading dims than ``x``'s batch when ``x`` is (K, B, L, d) copies of B chains
-        (the bias is then shared by the K copies without being repeated)."""
-        *lead, L, _ = x.shape
-        q, k, v = self.qkv(x).view(*lead, L, 3, self.h, self.dh).movedim(-3, 0).transpose(-2, -3)
+        """``bias``: a precomputed ``self.bias(...)`` (then ``pair_normed`` is not read). A bias
+        of B' < B chains is shared by the B // B' copies of x (copy-major: row k * B' + b reads
+        bias b), broadcast rather than repeated."""
+        B, L, _ = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.h, self.dh).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
         bias = (self.bias(pair_normed, key_mask) if bias is None else bias).to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.out(out.transpose(-2, -3).reshape(*lead, L, -1))
+        if bias.shape[0] != B:
+            q, k, v = (a.unflatten(0, (-1, bias.shape[0])) for a in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).reshape(B, self.h, L, -1)
+        return self.out(out.transpose(1, 2).reshape(B, L, -1))
 
 
 class Block(nn.Module):
@@ -422,7 +424,7 @@ class Proteina(nn.Module):
         x = x * maskf.repeat(K, 1)[..., None]
         condk, maskk = cond.repeat(K, 1), mask.repeat(K, 1)
         for block, bias in zip(self.blocks, biases):
-            x = block(x, None, condk, maskk, bias.repeat(K, 1, 1, 1))  # bias (K * B, H, L, L)
+            x = block(x, None, condk, maskk, bias)  # bias (B, H, L, L), shared by the K copies
         return self.decoder(x) * maskk[..., None].to(x.dtype)
 
 
