@@ -181,13 +181,16 @@ class PairBiasedAttention(nn.Module):
     ) -> Tensor:
         """``bias``: a precomputed ``self.bias(...)`` (then ``pair_normed`` is not read). A bias
         of B' < B chains is shared by the B // B' copies of x (copy-major: row k * B' + b reads
-        bias b), broadcast rather than repeated."""
+        bias b). Measured on CPU: with autograd it is broadcast (no (B, H, L, L) copy to build
+        and sum back); without, repeated, which keeps the fused attention kernel (4-D only)."""
         B, L, _ = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.h, self.dh).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
         bias = (self.bias(pair_normed, key_mask) if bias is None else bias).to(q.dtype)
-        if bias.shape[0] != B:
+        if bias.shape[0] != B and torch.is_grad_enabled():
             q, k, v = (a.unflatten(0, (-1, bias.shape[0])) for a in (q, k, v))
+        elif bias.shape[0] != B:
+            bias = bias.repeat(B // bias.shape[0], 1, 1, 1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).reshape(B, self.h, L, -1)
         return self.out(out.transpose(1, 2).reshape(B, L, -1))
 
