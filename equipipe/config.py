@@ -607,6 +607,16 @@ def run_spec(cfg: dict, experiment: str, seed: int) -> dict[str, Any]:
     }
 
 
+def dip_windows(cfg: dict) -> dict[str, list]:
+    """experiment -> its ``dip_window`` [lo, hi] (steps) where the config sets one: what the
+    collect and headlines rules pass to ``equipipe collect/headlines --dip-windows``."""
+    return {
+        name: list(e["dip_window"])
+        for name, e in cfg["experiments"].items()
+        if e.get("dip_window") is not None
+    }
+
+
 def run_spec_json(cfg: dict, experiment: str, seed: int) -> str:
     return json.dumps(run_spec(cfg, experiment, seed), sort_keys=True)
 
