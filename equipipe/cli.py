@@ -124,11 +124,17 @@ def cmd_analyse(a) -> None:
 
         md(runs, out, spec)
         return
+    if a.kind == "decay":
+        from equipipe.decay import write_decay
+
+        write_decay(runs, out, spec)
+        return
     from equipipe import analyses
 
     if a.kind not in ("landscape", "twirling"):
         raise SystemExit(
-            f"equipipe: unknown analysis {a.kind!r}; allowed: landscape, twirling, efficiency, md"
+            f"equipipe: unknown analysis {a.kind!r}; allowed: landscape, twirling, efficiency, md, "
+            "decay"
         )
     getattr(analyses, a.kind)(runs[0], out, spec)
 
@@ -310,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_figure)
 
     s = sub.add_parser("analyse", help="mechanism analyses of a finished run")
-    s.add_argument("kind", help="landscape | twirling | efficiency | md")
+    s.add_argument("kind", help="landscape | twirling | efficiency | md | decay")
     s.add_argument(
         "--run",
         nargs="+",

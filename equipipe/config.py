@@ -492,6 +492,12 @@ def _check_analyses(cfg: dict) -> None:
                     f"{where}.split: {spec['split']!r} is not a split the experiments log; "
                     f"allowed: {', '.join(have)}"
                 )
+        elif kind == "decay":
+            if not a.get("experiments"):
+                raise ConfigError(
+                    f"analyses.{name}.experiments: a decay analysis fits the runs of the "
+                    "experiments it lists; list them"
+                )
         elif kind == "md":
             exps = list(a.get("experiments") or [])
             if not exps:

@@ -11,9 +11,10 @@ and flow time ``t`` of the primary field's pct (the rows of ``results/paper_comp
 * ``final_error``, ``final_error_se``: the primary field's total squared error (``total``,
   per element, in ``error_unit``) at the last evaluation and its standard error.
 
-The pct standard error propagates the standard errors of its numerator and denominator
-(``equiv_se``, ``total_se``: over evaluation batches) to first order, ignoring their
-covariance: ``se(E/T) = sqrt((se_E / T)^2 + (E se_T / T^2)^2)``. With one evaluation batch the
+The pct standard error is the logged ``pct_se`` (over examples, linearised ratio estimator).
+For tables without it, it propagates the standard errors of its numerator and denominator
+(``equiv_se``, ``total_se``) to first order, ignoring their covariance:
+``se(E/T) = sqrt((se_E / T)^2 + (E se_T / T^2)^2)``. With one evaluation unit the
 standard errors are NaN. An experiment's value is the mean over seeds; its standard error is
 ``sqrt(sum se_i^2) / n``, or the seeds' spread ``std / sqrt(n)`` when that is larger.
 """
@@ -62,7 +63,11 @@ def _at(df: pl.DataFrame, step, metric: str) -> float:
 
 
 def _pct_se(df: pl.DataFrame, step) -> float:
-    """Standard error of pct (in percent) at ``step`` from equiv_unbiased / total and their SEs."""
+    """Standard error of pct (in percent) at ``step``: the logged ``pct_se`` (over examples,
+    with the covariance of E and T), else from equiv_unbiased / total and their SEs."""
+    logged = _at(df, step, "pct_se")
+    if not math.isnan(logged):
+        return 100.0 * logged
     e, t = _at(df, step, "equiv_unbiased"), _at(df, step, "total")
     se_e, se_t = _at(df, step, "equiv_se"), _at(df, step, "total_se")
     if not t:
