@@ -12,7 +12,7 @@ the efficiency gap's α): least squares of log10 L on log10 step over the evalua
 standard error of the slope, ``lo``/``hi`` the 16-84 % pairs-bootstrap interval over the fitted
 points (``fits.INTERVAL_METHOD``). Points of one training curve are autocorrelated, so both
 intervals understate the run-to-run spread (the seed rows show it). ``ratio`` = α_equiv /
-α_mean of the same curve (> 1: L_equiv decays faster).
+α_mean of the same curve (> 1: L_equiv decays faster; NaN unless α_mean > 0).
 
 ``decay_table(run_dirs, spec)`` returns one row per (experiment, seed or "mean", split, t,
 loss); ``write_decay(run_dirs, out_dir, spec)`` writes ``decay.parquet`` and ``decay.json``
@@ -125,7 +125,8 @@ def decay_table(run_dirs: Sequence[Path], spec: dict | None = None) -> pl.DataFr
                     for loss in LOSSES if loss in losses}  # fmt: skip
             a_e = fits.get("equiv", {}).get("alpha", math.nan)
             a_m = fits.get("mean", {}).get("alpha", math.nan)
-            ratio = a_e / a_m if a_m and math.isfinite(a_m) and math.isfinite(a_e) else math.nan
+            # only where L_mean decays (alpha_mean > 0): otherwise the ratio has no reading
+            ratio = a_e / a_m if a_m > 0 and math.isfinite(a_m) and math.isfinite(a_e) else math.nan
             for loss, f in fits.items():
                 rows.append({"experiment": exp, "task": task, "seed": who, "split": split,
                              "field": field, "t": t, "loss": loss, **f, "ratio": ratio,

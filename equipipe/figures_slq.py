@@ -6,7 +6,8 @@ Three panels: (1) the densities of both Hessians (stochastic Lanczos quadrature,
 Gaussian; dashed: the exact eigenvalues where the block's Hessian was computed in full), on a
 symmetric-log eigenvalue axis in units of each loss's λmax; (2) κ(τ) = λmax / λmin(τ) against
 the relative threshold τ, with the line κ = 1/τ that a spectrum dense down to zero follows
-(where a curve lies on it, κ is set by the cut-off, not by the loss); (3) the number of
+(where a curve lies on it, κ is set by the cut-off, not by the loss; hollow markers: thresholds
+where SLQ does not resolve the count, ``landscape_threshold.resolved``); (3) the number of
 eigenvalues above τ·λmax (± 1 SE over probes). Style keys: ``analysis``, ``figsize``,
 ``title``.
 """
@@ -63,16 +64,20 @@ def hessian_density(ctx: FigureContext) -> Figure:
             t = thr.filter((pl.col("loss") == loss) & (pl.col("method") == method)).sort(
                 "threshold"
             )
-            ax_k.plot(t["threshold"], t["kappa"], ls=ls, marker="o" if method == "slq" else None,
-                      ms=3, color=COLORS[loss], label=label)  # fmt: skip
+            ax_k.plot(t["threshold"], t["kappa"], ls=ls, color=COLORS[loss], label=label)
+            if method == "slq":  # filled: resolved; hollow: the count there is not resolved
+                res = t["resolved"].to_numpy()
+                for sel, face in ((res, COLORS[loss]), (~res, "white")):
+                    ax_k.plot(t["threshold"].to_numpy()[sel], t["kappa"].to_numpy()[sel], "o",
+                              ms=3.5, mfc=face, mec=COLORS[loss])  # fmt: skip
             c, se = t["count"].to_numpy(), t["count_se"].fill_nan(0.0).to_numpy()
             ax_c.plot(t["threshold"], c, ls=ls, color=COLORS[loss], label=label)
             if method == "slq":
                 ax_c.fill_between(t["threshold"], np.clip(c - se, 0.5, None), c + se,
                                   color=COLORS[loss], alpha=0.2, lw=0)  # fmt: skip
-    ticks = np.array([-1, -1e-2, -1e-4, 0, 1e-4, 1e-2, 1])
+    ticks = np.array([-1, -1e-2, 0, 1e-2, 1])
     ax_d.set_xticks(np.sign(ticks) * np.log10(1 + np.abs(ticks) / lin),
-                    ["-1", "-1e-2", "-1e-4", "0", "1e-4", "1e-2", "1"])  # fmt: skip
+                    ["-1", "-1e-2", "0", "1e-2", "1"])  # fmt: skip
     ax_d.set_yscale("log")
     ax_d.set_ylim(bottom=1e-3)
     ax_d.set_xlabel(r"eigenvalue / $\lambda_{max}$ (symmetric log)")
