@@ -134,6 +134,17 @@ def test_config_dip_window_reaches_the_comparison_and_headlines(finished):
     assert dips.len() and all(1 <= s <= 6 for s in dips)
 
 
+def test_pct_standard_error_is_logged_per_evaluation(finished):
+    """Every evaluation logs pct_se beside pct (over held-out examples; the pct figures draw it
+    as a band): finite and non-negative wherever pct is."""
+    df = pl.read_parquet(finished / "results/runs/ff_default/seed0/metrics.parquet")
+    df = df.filter((pl.col("split") == "val") & (pl.col("field") == "forces"))
+    pct = df.filter(pl.col("metric") == "pct").sort("step")
+    se = df.filter(pl.col("metric") == "pct_se").sort("step")
+    assert se["step"].to_list() == pct["step"].to_list()
+    assert se["value"].is_finite().all() and (se["value"] >= 0).all()
+
+
 def test_adding_a_subset_schedules_only_what_uses_it(finished):
     wd = finished
     cfg = yaml.safe_load((wd / "config.yaml").read_text())
