@@ -492,6 +492,12 @@ def _check_analyses(cfg: dict) -> None:
                     f"{where}.split: {spec['split']!r} is not a split the experiments log; "
                     f"allowed: {', '.join(have)}"
                 )
+        elif kind == "decay":
+            if not a.get("experiments"):
+                raise ConfigError(
+                    f"analyses.{name}.experiments: a decay analysis fits the runs of the "
+                    "experiments it lists; list them"
+                )
         elif kind == "md":
             exps = list(a.get("experiments") or [])
             if not exps:
@@ -619,6 +625,16 @@ def run_spec(cfg: dict, experiment: str, seed: int) -> dict[str, Any]:
         "task_cfg": task_cfg,
         "train": deep_merge(t.get("train", {}), e.get("train", {})),
         "eval": deep_merge(t.get("eval", {}), e.get("eval", {})),
+    }
+
+
+def dip_windows(cfg: dict) -> dict[str, list]:
+    """experiment -> its ``dip_window`` [lo, hi] (steps) where the config sets one: what the
+    collect and headlines rules pass to ``equipipe collect/headlines --dip-windows``."""
+    return {
+        name: list(e["dip_window"])
+        for name, e in cfg["experiments"].items()
+        if e.get("dip_window") is not None
     }
 
 
