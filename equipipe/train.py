@@ -15,13 +15,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import platform
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
+from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from equipipe.collect import METRICS_SCHEMA as METRIC_SCHEMA
 from equipipe.collect import METRICS_SCHEMA_VERSION
 from equipipe.equivariance import Decomposition, evaluate_view, head_deviation, no_grad
 from equipipe.loader import RunData
+from equipipe.progress import TensorBoardSink, progress_line
 from equipipe.spectrum_probe import SpectrumProbe, probe_layers, spectrum_due
 from equipipe.tasks import make_task
 from equipipe.tasks.base import Batch, Task, to_device
@@ -46,6 +48,8 @@ from equipipe.train_step import (
     make_optimizer,
     train_step,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -141,6 +145,7 @@ class Trainer:
         self.wall0 = time.perf_counter()
         self.wall_offset = 0.0
         self._stop_signal: int | None = None
+        self._tensorboard: TensorBoardSink | None = None
         wrapped = ddp.wrap(self.model)
         self.forward_model = torch.compile(wrapped) if self.tcfg.compile else wrapped
         self.timer.add("setup", time.perf_counter() - t_init)  # data, normalisation, model
@@ -148,7 +153,10 @@ class Trainer:
     # --- checkpointing --------------------------------------------------------------
 
     def spec_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.spec, sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of the spec, less ``train.tensorboard`` (watching a run changes no number)."""
+        train = {k: v for k, v in self.spec.get("train", {}).items() if k != "tensorboard"}
+        spec = {**self.spec, "train": train} if "train" in self.spec else self.spec
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
     def save_checkpoint(self) -> None:
         """Model, optimiser, EMA, metric rows and random states as ONE atomically replaced file.
@@ -184,10 +192,8 @@ class Trainer:
             return False
         state = torch.load(ckpt, map_location=self.device, weights_only=True)
         if state["spec_hash"] != self.spec_hash() or "metrics" not in state:
-            print(
-                f"[train] {ckpt} belongs to another configuration (or an older equipipe); "
-                "starting afresh",
-                file=sys.stderr,
+            log.warning(
+                "%s belongs to another configuration (or an older equipipe); starting afresh", ckpt
             )
             shutil.rmtree(self.work)
             return False
@@ -203,7 +209,7 @@ class Trainer:
             self.timer.add(name, float(v))
         self.rows = pl.DataFrame(state["metrics"], schema=METRIC_SCHEMA).to_dicts()
         set_rng_state(state["rng"], self.device)
-        print(f"[train] resumed from step {self.step} ({ckpt})", file=sys.stderr)
+        log.info("resumed from step %d (%s)", self.step, ckpt)
         return True
 
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
@@ -397,12 +403,10 @@ class Trainer:
         evals = set(eval_steps(cfg.steps, self.ecfg.every, self.ecfg.early))
         early_path = self.work / "early.pt"
         try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{self.spec.get('experiment', 'run')} seed{self.seed}",
-                       file=sys.stderr, mininterval=5, disable=None)  # fmt: skip
+            self._start_watching()
             if self.step == 0 and not self.rows and ddp.is_main():
                 self.evaluate()
+                self._report_evaluation()
             ddp.barrier()
             while self.step < cfg.steps:
                 agreed = ddp.agree_max(self._stop_signal or 0)  # all ranks stop at the same step
@@ -414,7 +418,6 @@ class Trainer:
                 loss = self.train_step()
                 self.train_seconds += time.perf_counter() - t0
                 self.step += 1
-                bar.update(1)
                 if self.step % 10 == 0 or self.step in evals:
                     self._row("train", "train_loss", loss)
                     self._row("train", "lr", lr_at(self.step - 1, cfg))
@@ -429,19 +432,48 @@ class Trainer:
                 if self.step in evals:
                     if ddp.is_main():
                         self.evaluate()
+                        self._report_evaluation()
                     ddp.barrier()
+                self._write_tensorboard()
                 if self.step % cfg.checkpoint_every == 0 or self.step in evals:
                     self.save_checkpoint()
-            bar.close()
         except Stop:
             self.save_checkpoint()
-            print(f"[train] signal {self._stop_signal}: checkpoint at step {self.step} in {self.work}; "
-                  "rerun (snakemake --rerun-incomplete) to continue", file=sys.stderr)  # fmt: skip
+            log.warning("signal %s: checkpoint at step %d in %s; rerun (snakemake "
+                        "--rerun-incomplete) to continue", self._stop_signal, self.step, self.work)  # fmt: skip
             raise SystemExit(128 + int(self._stop_signal)) from None
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+            if self._tensorboard is not None:
+                self._tensorboard.close()
         self.finish(early_path)
+
+    # --- watching the run: one log line per evaluation, TensorBoard --------------------
+
+    def _start_watching(self) -> None:
+        """The clock of the steps/s and ETA, and TensorBoard's writer when it is on."""
+        self._watch_t0, self._watch_step0 = time.perf_counter(), self.step
+        self._rows_written = len(self.rows)  # rows of earlier processes are in their files
+        if self.tcfg.tensorboard and ddp.is_main():
+            self._tensorboard = TensorBoardSink(self.out, purge_step=self.step)
+
+    def _report_evaluation(self) -> None:
+        """One INFO line for this evaluation (``equipipe.progress.progress_line``)."""
+        done = self.step - self._watch_step0
+        elapsed = time.perf_counter() - self._watch_t0
+        rate = done / elapsed if done > 0 and elapsed > 0 else None
+        rows = list(takewhile(lambda r: r["step"] == self.step, reversed(self.rows)))[::-1]
+        log.info(progress_line(self.step, self.tcfg.steps, rows, self.task.primary_field, rate))
+        self._write_tensorboard()
+
+    def _write_tensorboard(self) -> None:
+        """The metric rows logged since the last call, as TensorBoard scalars (when on)."""
+        if self._tensorboard is None or len(self.rows) == self._rows_written:
+            return
+        with self.timer("io"):
+            self._tensorboard.write(self.rows[self._rows_written :])
+        self._rows_written = len(self.rows)
 
     def finish(self, early_path: Path) -> None:
         if not ddp.is_main():
