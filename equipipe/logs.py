@@ -31,6 +31,10 @@ def log_level(flag: str | None = None) -> str:
     return name
 
 
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler ``configure_logging`` installs (and replaces when called again)."""
+
+
 def configure_logging(flag: str | None = None) -> logging.Logger:
     """Give the ``equipipe`` logger its one stderr handler at the chosen level.
 
@@ -38,11 +42,10 @@ def configure_logging(flag: str | None = None) -> logging.Logger:
     process that runs the command twice (tests) does not print every line twice.
     """
     logger = logging.getLogger("equipipe")
-    for h in [h for h in logger.handlers if getattr(h, "_equipipe", False)]:
+    for h in [h for h in logger.handlers if isinstance(h, _Handler)]:
         logger.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Handler(sys.stderr)
     handler.setFormatter(logging.Formatter(FORMAT, DATE_FORMAT))
-    handler._equipipe = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
     logger.setLevel(log_level(flag))
     return logger

@@ -96,6 +96,19 @@ def test_train_tensorboard_flag_writes_events_tensorboard_reads(tiny_store, tmp_
     assert info["train_config"]["tensorboard"] is True
 
 
+def test_switching_tensorboard_on_keeps_the_checkpoint_identity():
+    """train.tensorboard changes no number: a run interrupted without it resumes with it."""
+    from types import SimpleNamespace
+
+    from equipipe.train import Trainer
+
+    base = spec()
+    on = {**base, "train": {**base["train"], "tensorboard": True}}
+    other = {**base, "train": {**base["train"], "lr": 2e-3}}
+    h = lambda s: Trainer.spec_hash(SimpleNamespace(spec=s))  # type: ignore[arg-type]  # noqa: E731
+    assert h(on) == h(base) != h(other)
+
+
 def test_tensorboard_is_imported_only_when_on():
     code = "import sys, equipipe.train, equipipe.cli; print('tensorboard' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
