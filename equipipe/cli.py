@@ -5,7 +5,8 @@ only its own slice and reruns only when that slice changes.
 
 Logging is configured here once (``equipipe.logs``; ``--log-level`` or EQUIPIPE_LOG_LEVEL):
 messages go to stderr. The ``print`` calls left are the output of the commands whose output IS
-their stdout (archive's path, model-info's table, validate-config, config-docs, diff-reports).
+their stdout (archive's path, model-info's table, validate-config, config-docs, diff-reports)
+and the one-line error a failing command ends with (``equipipe <command>: error: ...``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -21,7 +21,6 @@ from pathlib import Path
 from equipipe.logs import LEVEL_ENV, LEVELS, configure_logging
 
 DATASETS = ("spice", "pdb", "geom")
-log = logging.getLogger(__name__)
 
 
 def _json(text: str) -> dict:
@@ -426,7 +425,8 @@ def main(argv: list[str] | None = None) -> None:
         if debug_requested(args.debug):
             raise
         # one line naming the file and what to do; --debug / EQUIPIPE_DEBUG=1: the traceback
-        log.error("equipipe %s: error: %s", args.command, one_line(e))
+        # the command's one-line error (like argparse's), not a log record: no time stamp
+        print(f"equipipe {args.command}: error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from e
 
 
