@@ -2,6 +2,11 @@
 
 Every subcommand takes its configuration slice as JSON (``--cfg``/``--spec``), so a rule passes
 only its own slice and reruns only when that slice changes.
+
+Logging is configured here once (``equipipe.logs``; ``--log-level`` or EQUIPIPE_LOG_LEVEL):
+messages go to stderr. The ``print`` calls left are the output of the commands whose output IS
+their stdout (archive's path, model-info's table, validate-config, config-docs, diff-reports)
+and the one-line error a failing command ends with (``equipipe <command>: error: ...``).
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+from equipipe.logs import LEVEL_ENV, LEVELS, configure_logging
 
 DATASETS = ("spice", "pdb", "geom")
 
@@ -82,6 +89,8 @@ def cmd_train(a) -> None:
         from equipipe.timing import process_seconds
         from equipipe.train import train
 
+        if a.tensorboard:
+            spec = {**spec, "train": {**spec.get("train", {}), "tensorboard": True}}
         train(spec, Path(a.store), Path(a.split), Path(a.subset), Path(a.out), process_seconds())
 
 
@@ -168,6 +177,7 @@ def cmd_headlines(a) -> None:
 def cmd_archive(a) -> None:
     from equipipe.archive import write_archive
 
+    # stdout is this command's output (the archive's path)
     print(write_archive(Path(a.out), Path(a.repo), [Path(f) for f in a.include or []]))
 
 
@@ -181,6 +191,7 @@ def cmd_model_info(a) -> None:
     from equipipe.models.registry import model_info_rows
 
     rows = model_info_rows(a.model)
+    # stdout is this command's output (the table)
     print(f"{'model':<12} {'size':<8} {'parameters':>14} {'label':>10}  within 10%")
     for r in rows:
         print(
@@ -192,7 +203,7 @@ def cmd_validate(a) -> None:
     from equipipe.config import load_config
 
     cfg = load_config(Path(a.config))
-    print(
+    print(  # stdout is this command's output
         f"{a.config}: valid ({len(cfg['experiments'])} experiments, {len(cfg.get('figures', {}))} figures)"
     )
 
@@ -200,6 +211,7 @@ def cmd_validate(a) -> None:
 def cmd_config_docs(a) -> None:
     from equipipe.config_docs import README, render_readme, write_readme
 
+    # stdout is this command's output (the README's state)
     if a.write:
         print(f"{README}: {'rewritten' if write_readme() else 'already up to date'}")
     elif render_readme(README.read_text()) != README.read_text():
@@ -221,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug",
         action="store_true",
         help="show the traceback of an error instead of one line (also: EQUIPIPE_DEBUG=1)",
+    )
+    p.add_argument(
+        "--log-level",
+        default=None,
+        choices=LEVELS,
+        type=str.upper,
+        help=f"messages on stderr from this level up (default: ${LEVEL_ENV}, else INFO)",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -293,6 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="GPUs of this job (> 1: DDP via torchrun, one rank per GPU)",
+    )
+    s.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write TensorBoard event files into --out (as train.tensorboard: true; "
+        "watch with `tensorboard --logdir results/runs`)",
     )
     s.set_defaults(fn=cmd_train)
 
@@ -406,12 +431,14 @@ def main(argv: list[str] | None = None) -> None:
     from equipipe.errors import ActionableError, debug_requested, one_line
 
     args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
     try:
         args.fn(args)
     except (ValueError, KeyError, FileNotFoundError, ActionableError) as e:
         if debug_requested(args.debug):
             raise
         # one line naming the file and what to do; --debug / EQUIPIPE_DEBUG=1: the traceback
+        # the command's one-line error (like argparse's), not a log record: no time stamp
         print(f"equipipe {args.command}: error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from e
 

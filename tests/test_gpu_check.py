@@ -44,4 +44,4 @@ def test_quick_cpu_run_prints_one_clean_table():
         assert check in table, table
     for model in ("escaip tiny", "proteina tiny", "voxmol tiny"):
         assert table.count(model) == 3, table  # eager, eval overhead, compiled
-    assert "12/12 modules ok" in table
+    assert "13/13 modules ok" in table

@@ -476,6 +476,24 @@ def test_archive_unpacks_and_dry_runs(finished, tmp_path):
     assert code_info(root) == {**code_info(root), "commit": meta["commit"], "from": "archive"}
 
 
+def test_train_log_has_one_readable_line_per_evaluation(finished):
+    """The job's log (logs/train/...): one INFO line per evaluation with step, loss, pct ± SE,
+    steps/s and ETA (the tiny config evaluates 2 batches, so pct has a standard error)."""
+    from equipipe.train import eval_steps
+
+    log = (finished / "logs/train/ff_default/seed0.log").read_text()
+    lines = [ln for ln in log.splitlines() if " INFO equipipe.train: step " in ln]
+    steps = [int(re.search(r"step (\d+)/12", ln).group(1)) for ln in lines]
+    assert steps == eval_steps(12, 6, [1, 2]), log[-3000:]
+    assert re.search(r" step 0/12 pct \(forces\) [\d.e+-]+±[\d.e+-]+%$", lines[0]), lines[0]
+    line = re.compile(
+        r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO equipipe\.train: step \d+/12 loss [\d.e+-]+ "
+        r"lr [\d.e+-]+ pct \(forces\) [\d.e+-]+±[\d.e+-]+% [\d.e+-]+ steps/s ETA \d+:\d\d:\d\d$"
+    )
+    for ln in lines[1:]:
+        assert line.match(ln), ln
+
+
 def test_training_twice_in_one_process_gives_identical_metrics(finished, tmp_path):
     """Same seed, same process, twice: the same metric table (and as the Snakemake job's)."""
     import json
