@@ -323,7 +323,7 @@ def test_paper_grid_plans_offline_quickly():
 
     wall, cpu, text = plan("config/paper.yaml")
     jobs = planned_jobs(subprocess.CompletedProcess([], 0, text, ""))
-    assert jobs["train"] == 30 and jobs["download_spice"] == 1 and jobs["download_geom"] == 1
+    assert jobs["train"] == 31 and jobs["download_spice"] == 1 and jobs["download_geom"] == 1
     assert cpu < 5.0, f"planning took {cpu:.1f} s of CPU ({wall:.1f} s wall)"
 
 
