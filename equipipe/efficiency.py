@@ -707,7 +707,9 @@ def efficiency_gap(ctx: FigureContext) -> Figure:
         ax.set_yscale("log")
         ax.set_ylabel(ylabel)
         ax.legend(loc="best", fontsize=8)
-    ax_s.set_title(f"Loss vs steps ({r.opts['split']} split) — assumption (a)")
+    held_out = {key: info for key, info in ctx.runs.items() if key.startswith(f"{base}/")}
+    held_out = next(iter(held_out.values()), {}).get("eval_config", {}).get("split", "val")
+    ax_s.set_title(f"Loss vs steps ({held_out} split) — assumption (a)")
     n = r.numbers
     verdict = ""
     cv, cs = n["c"]["value"], n["c_star"]["value"]

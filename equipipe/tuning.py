@@ -6,8 +6,8 @@ metrics.parquet) and writes two small CSVs that are committed beside the docs an
 efficiency gap (its band over the sweep and the spread of c*):
 
 * ``sweep_curves.csv`` — one row per run and evaluation step: ``experiment, model, lr,
-  warmup_steps, schedule, lr_floor, steps, sec_per_step, split, step, total, total_se, equiv,
-  mean, pct`` (held-out squared error of the primary field per component: total, unbiased
+  warmup_steps, schedule, lr_floor, steps, sec_per_step, split (the data split evaluated, from
+  run.json eval_config), step, total, total_se, equiv, mean, pct`` (held-out squared error of the primary field per component: total, unbiased
   equivariance error, unbiased twirled error; pct = equiv / total).
 * ``sweep_final.csv`` — one row per run at its last step, plus ``chosen`` (per model, the
   setting with the lowest final held-out total; ties by the smaller learning rate).
@@ -69,7 +69,8 @@ def run_curves(run_dir: Path, split: str = "val") -> pl.DataFrame:
         "lr_floor": float(tc.get("lr_floor", 0.0)),
         "steps": int(tc.get("steps") or info.get("steps")),
         "sec_per_step": float(info.get("sec_per_step") or float("nan")),
-        "split": split,
+        # the data split evaluated (metric rows carry the label "val" whichever it was)
+        "split": (info.get("eval_config") or {}).get("split", split),
     }
     wide = wide.with_columns(pl.lit(v).alias(k) for k, v in consts.items())
     return wide.select(CURVE_COLUMNS)
