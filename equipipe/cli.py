@@ -133,11 +133,10 @@ def cmd_analyse(a) -> None:
 
 
 def cmd_tuning_summary(a) -> None:
-    from equipipe.tuning import summarise_sweep
+    from equipipe.tuning import markdown_table, summarise_sweep
 
-    curves, finals = summarise_sweep(Path(a.runs), Path(a.out), a.prefix, a.split)
-    cols = ["model", "lr", "warmup_steps", "step", "total", "pct", "chosen"]
-    print(finals.select(cols).sort("model", "lr", "warmup_steps"))
+    _, finals = summarise_sweep(Path(a.runs), Path(a.out), a.prefix, a.split)
+    print(markdown_table(finals))
 
 
 def cmd_table(a) -> None:

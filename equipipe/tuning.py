@@ -112,6 +112,27 @@ def summarise_sweep(runs_dir: Path, out_dir: Path, prefix: str = "tune_", split:
     return curves, finals
 
 
+def markdown_table(finals: pl.DataFrame) -> str:
+    """Final held-out total per learning rate (columns) and model x warm-up (rows), the chosen
+    setting of each model in bold; a setting that did not finish shows as "—"."""
+    lrs = sorted(set(finals.get_column("lr").to_list()))
+    head = "| model | warm-up | " + " | ".join(f"lr {x:g}" for x in lrs) + " |"
+    lines = [head, "|---|---:|" + "---:|" * len(lrs)]
+    for (model, wu), g in finals.sort("model", "warmup_steps").group_by(
+        "model", "warmup_steps", maintain_order=True
+    ):
+        cells = []
+        for x in lrs:
+            r = g.filter(pl.col("lr") == x)
+            if r.height == 0:
+                cells.append("—")
+                continue
+            v = f"{r.get_column('total')[0]:.3f}"
+            cells.append(f"**{v}**" if r.get_column("chosen")[0] else v)
+        lines.append(f"| {model} | {wu} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def read_sweep(path: Path) -> pl.DataFrame:
     """``sweep_curves.csv`` as written by :func:`summarise_sweep`."""
     df = pl.read_csv(Path(path))

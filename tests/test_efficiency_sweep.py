@@ -153,6 +153,9 @@ def test_tuning_summary_command_and_c_star_over_the_sweep(tmp_path):
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     assert res.returncode == 0, res.stderr
+    table = res.stdout.strip().splitlines()
+    assert table[0] == "| model | warm-up | lr 0.002 | lr 0.005 | lr 0.01 |"
+    assert table[2].startswith("| equivariant | 20 | — |") and table[3].count("**") == 2
     curves = pl.read_csv(out / "sweep_curves.csv")
     finals = pl.read_csv(out / "sweep_final.csv")
     assert curves.get_column("experiment").n_unique() == 5
