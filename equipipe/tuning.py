@@ -60,8 +60,9 @@ def run_curves(run_dir: Path, split: str = "val") -> pl.DataFrame:
         if col not in wide.columns:
             wide = wide.with_columns(pl.lit(None, pl.Float64).alias(col))
     tc = info.get("train_config") or {}
-    consts = {
-        "experiment": info["experiment"],
+    seed = int(info.get("seed", 0))
+    consts = {  # one row group per run: a second seed of an experiment is its own setting
+        "experiment": info["experiment"] + (f"/seed{seed}" if seed else ""),
         "model": info.get("model"),
         "lr": float(tc["lr"]),
         "warmup_steps": int(tc.get("warmup_steps") or 0),

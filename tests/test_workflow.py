@@ -489,8 +489,11 @@ def test_efficiency_gap_with_a_tuning_sweep_through_snakemake(finished, tmp_path
     assert rows["c_star_sweep"]["n"] == 1 and "lr 0.001" in rows["c_star_sweep"]["note"]
     assert "constant-learning-rate segment" in rows["alpha"]["method"]
     assert (wd / "results/figures/eff_gap.png").stat().st_size > 1000
-    # the sweep summary is an input: a new one reruns the analysis and the figure only
-    later = time.time() + 5  # after the outputs even within one second of them
-    os.utime(wd / "sweep/sweep_curves.csv", (later, later))
+    # the sweep summary is an input: a new one (here with more runs) reruns the analysis and the
+    # figure only (Snakemake compares small inputs by checksum, so the content must change)
+    subprocess.run(
+        [str(BIN / "equipipe"), "tuning-summary", "--runs", "results/runs", "--prefix", "ff_",
+         "--out", "sweep"], cwd=wd, capture_output=True, text=True, check=True,
+    )  # fmt: skip
     jobs = planned_jobs(snakemake(wd, "-n", *targets))
     assert "train" not in jobs and jobs["analyse"] == 1 and jobs["figure"] == 1, jobs
