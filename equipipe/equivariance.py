@@ -151,7 +151,11 @@ def decomposition_terms(
 
 
 def decomposition_from_predictions(
-    z: Tensor, y: Tensor, exhaustive: bool = False, mask: Tensor | None = None
+    z: Tensor,
+    y: Tensor,
+    exhaustive: bool = False,
+    mask: Tensor | None = None,
+    per_example: bool = False,
 ) -> Decomposition:
     """Decompose the squared error of K canonicalised predictions against a target.
 
@@ -161,13 +165,26 @@ def decomposition_from_predictions(
         exhaustive: True when the K rotations are a whole finite group (e.g. the 24
             octahedral rotations), so the plug-in values are exact.
         mask: optional bool mask broadcastable to ``shape`` from the left.
+        per_example: ``shape[0]`` indexes examples (e.g. voxel grids (B, C, G, G, G)): each
+            example is one unit of the standard errors (else the whole call is one unit).
 
     Returns:
         Decomposition with plug-in sums over elements (see the class).
     """
+    k = int(z.shape[0])
     with torch.no_grad():
-        t, m, e, n = decomposition_terms(z.double(), y.double(), mask)
-    return Decomposition(float(t), float(m), float(e), int(z.shape[0]), n, exhaustive)
+        if not per_example:
+            t, m, e, n = decomposition_terms(z.double(), y.double(), mask)
+            return Decomposition(float(t), float(m), float(e), k, n, exhaustive)
+        out = None
+        for i in range(y.shape[0]):
+            mi = None if mask is None else mask[i]
+            t, m, e, n = decomposition_terms(z[:, i].double(), y[i].double(), mi)
+            d = Decomposition(float(t), float(m), float(e), k, n, exhaustive)
+            out = d if out is None else out + d
+    if out is None:
+        raise ValueError("per_example decomposition of an empty batch")
+    return out
 
 
 def _resolve_strategy(device_strategy: str, batch: Batch) -> str:
@@ -297,8 +314,10 @@ def _decompositions(task, batch, z, y, R, exhaustive, record) -> dict[str, Decom
     masks = task.element_mask(batch) or {}
     if record is not None:
         record.update(z=z, R=R, masks=masks)
+    # fields whose leading axis is the example (the voxel grids): one SE unit per example
+    per_example = set(getattr(task, "example_major_fields", ()))
     return {
-        f: decomposition_from_predictions(z[f], y[f], exhaustive, masks.get(f))
+        f: decomposition_from_predictions(z[f], y[f], exhaustive, masks.get(f), f in per_example)
         for f in task.fields
         if f in z
     }

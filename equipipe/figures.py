@@ -563,9 +563,11 @@ def _plot_pct(ctx: FigureContext, ax, *, group: str, mark_dip: bool, logx: bool,
                     [dstep], [dval], marker="v", ms=7, color=color, mec="white", ls="none", zorder=5
                 )
                 dips.append((dstep, dval, color))
-            # interpolation floor (voxel Haar mode) where measured
+            # resampling floor (voxel continuous mode) where measured: floor_share is the
+            # floor's per-voxel equivariance error over THIS model's total at each evaluation,
+            # so it is in the same units as the pct curve (never a pct of another predictor)
             if ctx.opt("floor", True):
-                fl = ctx.rows(exp, "floor_pct", split=split, strict_split=True)
+                fl = ctx.rows(exp, "floor_share", split=split, strict_split=True)
                 if fl.height:
                     fa = _over_seeds(fl)
                     fx, fy = (
@@ -573,7 +575,7 @@ def _plot_pct(ctx: FigureContext, ax, *, group: str, mark_dip: bool, logx: bool,
                         fa.get_column("mean").to_numpy() * ctx.pct_scale(fl),
                     )
                     fcol = "0.45" if len(exps) == 1 else ctx.color(exp, i)
-                    flab = "interpolation floor" + (f" · {ctx.label(exp)}" if len(exps) > 1 else "")
+                    flab = "resampling floor" + (f" · {ctx.label(exp)}" if len(exps) > 1 else "")
                     if fx.size == 1:
                         ax.axhline(fy[0], color=fcol, ls=(0, (1, 1.5)), lw=1.2, label=flab)
                     else:
@@ -624,7 +626,7 @@ def pct_vs_step(ctx: FigureContext) -> Figure:
     (a split or a list, e.g. [val_octahedral, val_haar] for voxels: one line style each),
     ``t`` (flow time to show; default: mean over t), ``smooth`` (EMA scale s; default raw),
     ``epoch_marker`` (bool), ``epoch_label`` ("One epoch"), ``floor`` (draw metric
-    ``floor_pct`` where present; default true), ``dip`` (mark dips; default false),
+    ``floor_share`` where present; default true), ``dip`` (mark dips; default false),
     ``dip_window``, ``dip_s``, ``split_labels``, plus the common keys (xscale/yscale default
     linear).
     """

@@ -251,6 +251,8 @@ class Trainer:
             for b in self.data.val_batches(self.task, self.ecfg.batch_size)
         ]
         self.rows: list[dict[str, Any]] = []
+        # (split, t, field) -> the step-0 resampling floor per element (log_interpolation_floor)
+        self.floors: dict[tuple[str, float | None, str], float] = {}
         self.step = 0
         self.train_seconds = 0.0
         self.wall0 = time.perf_counter()
@@ -317,6 +319,11 @@ class Trainer:
         for name, v in (state.get("timing") or {}).items():  # earlier processes' seconds
             self.timer.add(name, float(v))
         self.rows = pl.DataFrame(state["metrics"], schema=METRIC_SCHEMA).to_dicts()
+        self.floors = {
+            (r["split"], r["t"], r["field"]): r["value"]
+            for r in self.rows
+            if r["metric"] == "floor_equiv"
+        }
         set_rng_state(state["rng"], self.device)
         print(f"[train] resumed from step {self.step} ({ckpt})", file=sys.stderr)
         return True
@@ -412,9 +419,17 @@ class Trainer:
                         grad_rows.setdefault((split, t, name), []).append(v)
         with timer("eval_spectrum"):
             spec_rows = spec.rows(self.task.units) if spec else []
+        if self.step == 0 and hasattr(self.task, "interpolation_floor"):
+            with timer("eval_floor"):
+                self.log_interpolation_floor()
         t_log = time.perf_counter()
         for (split, t, f), d in decs.items():
             self._log_decomposition(split, f, t, d)
+            floor = self.floors.get((split, t, f))
+            if floor is not None:  # the resampling floor as a share of this model's own total
+                total = d.per_element()["total"]
+                share = floor / total if total > 0 else math.nan
+                self._row(split, "floor_share", share, f, t, d.n_elements, "fraction")
         for row in spec_rows:
             self._row(**row)
         for table in (acc, ema_acc):
@@ -427,9 +442,6 @@ class Trainer:
         if head is not None:
             self._row("val", "head_deviation", head_deviation(head.weight))
         timer.add("eval_logging", time.perf_counter() - t_log)
-        if self.step == 0 and hasattr(self.task, "interpolation_floor"):
-            with timer("eval_floor"):
-                self.log_interpolation_floor()
         model.train(was_training)
 
     def _spectrum_probe(self) -> SpectrumProbe | None:
@@ -444,10 +456,13 @@ class Trainer:
         )
 
     def log_interpolation_floor(self) -> None:
-        """Resampling floor of continuous-rotation grid evaluation, logged once (model-free).
+        """Resampling floor of continuous-rotation grid evaluation, measured once (model-free).
 
         An isotropic blur is exactly equivariant in the continuum, so the equivariance error the
-        same Haar evaluation reports for it is interpolation error: the reference line for pct.
+        same Haar evaluation reports for it is resampling error. Logged in absolute units
+        (``floor_equiv``, per voxel, like the model's ``equiv_unbiased``) and kept in
+        ``self.floors``, from which every evaluation logs ``floor_share`` = floor_equiv / the
+        model's own total (the same denominator as the model's pct).
         """
         gen = torch.Generator().manual_seed(self.ecfg.seed)
         floors: dict[tuple[str, float | None, str], Decomposition] = {}
@@ -460,7 +475,7 @@ class Trainer:
                     key = (split, t, f)
                     floors[key] = floors[key] + d if key in floors else d
         for (split, t, f), d in floors.items():
-            self._row(split, "floor_pct", d.pct, f, t, d.n_elements, "fraction")
+            self.floors[(split, t, f)] = d.per_element()["equiv_unbiased"]
             self._row(
                 split,
                 "floor_equiv",
