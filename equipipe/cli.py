@@ -91,7 +91,8 @@ def cmd_collect(a) -> None:
     from equipipe.collect import collect
 
     out = Path(a.out_comparison)
-    collect([Path(p) for p in a.runs], Path(a.out_metrics), out)
+    windows = _json(a.dip_windows) if a.dip_windows else None
+    collect([Path(p) for p in a.runs], Path(a.out_metrics), out, dip_windows=windows)
     html = publish_string(out.with_suffix(".rst").read_text(), writer_name="html")
     out.with_suffix(".html").write_bytes(html)
 
@@ -123,11 +124,17 @@ def cmd_analyse(a) -> None:
 
         md(runs, out, spec)
         return
+    if a.kind == "decay":
+        from equipipe.decay import write_decay
+
+        write_decay(runs, out, spec)
+        return
     from equipipe import analyses
 
     if a.kind not in ("landscape", "twirling"):
         raise SystemExit(
-            f"equipipe: unknown analysis {a.kind!r}; allowed: landscape, twirling, efficiency, md"
+            f"equipipe: unknown analysis {a.kind!r}; allowed: landscape, twirling, efficiency, md, "
+            "decay"
         )
     getattr(analyses, a.kind)(runs[0], out, spec)
 
@@ -161,7 +168,8 @@ def cmd_provenance(a) -> None:
 def cmd_headlines(a) -> None:
     from equipipe.headlines import write_headlines
 
-    write_headlines([Path(r) for r in a.runs], Path(a.out))
+    windows = _json(a.dip_windows) if a.dip_windows else None
+    write_headlines([Path(r) for r in a.runs], Path(a.out), dip_windows=windows)
 
 
 def cmd_archive(a) -> None:
@@ -301,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--runs", nargs="+", required=True)
     s.add_argument("--out-metrics", required=True)
     s.add_argument("--out-comparison", required=True)
+    s.add_argument(
+        "--dip-windows",
+        help="JSON (or @file) experiment -> [lo, hi] steps of the dip search (null: open end)",
+    )
     s.set_defaults(fn=cmd_collect)
 
     s = sub.add_parser("figure", help="draw one figure (png, pdf, svg)")
@@ -311,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_figure)
 
     s = sub.add_parser("analyse", help="mechanism analyses of a finished run")
-    s.add_argument("kind", help="landscape | twirling | efficiency | md")
+    s.add_argument("kind", help="landscape | twirling | efficiency | md | decay")
     s.add_argument(
         "--run",
         nargs="+",
@@ -364,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--runs", nargs="+", required=True)
     s.add_argument("--out", required=True, help="headlines.csv")
+    s.add_argument("--dip-windows", help="as for collect: experiment -> [lo, hi] steps")
     s.set_defaults(fn=cmd_headlines)
 
     s = sub.add_parser(

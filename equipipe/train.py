@@ -351,6 +351,7 @@ class Trainer:
         self._row(split, "pct", d.pct, f, t, d.n_elements, "fraction")
         self._row(split, "total_se", d.standard_error("total"), f, t, d.n_elements, unit)
         self._row(split, "equiv_se", d.standard_error("equiv_unbiased"), f, t, d.n_elements, unit)
+        self._row(split, "pct_se", d.standard_error("pct"), f, t, d.n_elements, "fraction")
 
     @staticmethod
     def _split_and_t(labels: dict, base: str = "val") -> tuple[str, float | None]:

@@ -151,6 +151,11 @@ def analysis_spec(wildcards):
     return param_file(json.dumps({**a["spec"], **extra}, sort_keys=True))
 
 
+def dip_windows():
+    """experiment -> [lo, hi] steps of the dip search, for collect and headlines."""
+    return param_file(json.dumps(eqcfg.dip_windows(config), sort_keys=True))
+
+
 def figure_of(wildcards):
     return config["figures"][wildcards.figure]
 

@@ -116,6 +116,35 @@ def test_named_checkpoints_and_md_analysis_through_snakemake(finished):
     assert (wd / "results/figures/md.png").stat().st_size > 1000
 
 
+def test_config_dip_window_reaches_the_comparison_and_headlines(finished):
+    """The experiment's ``dip_window`` (tiny config: [1, 6] of 12 steps) goes through the
+    collect and headlines rules: the dip is searched inside it, the table prints it, and the
+    final pct is reported separately."""
+    table = pl.read_parquet(finished / "results/paper_comparison.parquet")
+    ff = table.filter((pl.col("experiment") == "ff_default") & (pl.col("field") == "forces"))
+    assert ff.height == 3  # the experiment row and two seeds
+    assert set(ff["dip_window_lo"]) == {1.0} and set(ff["dip_window_hi"]) == {6.0}
+    assert all(1 <= s <= 6 for s in ff["dip_step"])
+    assert ff["final_pct"].null_count() == 0 and set(ff["last_step"]) == {12}
+    c4 = table.filter(pl.col("experiment") == "ff_c4")
+    assert c4["dip_window_lo"].null_count() == c4.height  # no window: the whole run
+    assert "1–6" in (finished / "results/paper_comparison.html").read_text()
+    heads = pl.read_csv(finished / "results/headlines.csv")
+    dips = heads.filter(pl.col("experiment") == "ff_default")["dip_step"]
+    assert dips.len() and all(1 <= s <= 6 for s in dips)
+
+
+def test_pct_standard_error_is_logged_per_evaluation(finished):
+    """Every evaluation logs pct_se beside pct (over held-out examples; the pct figures draw it
+    as a band): finite and non-negative wherever pct is."""
+    df = pl.read_parquet(finished / "results/runs/ff_default/seed0/metrics.parquet")
+    df = df.filter((pl.col("split") == "val") & (pl.col("field") == "forces"))
+    pct = df.filter(pl.col("metric") == "pct").sort("step")
+    se = df.filter(pl.col("metric") == "pct_se").sort("step")
+    assert se["step"].to_list() == pct["step"].to_list()
+    assert se["value"].is_finite().all() and (se["value"] >= 0).all()
+
+
 def test_adding_a_subset_schedules_only_what_uses_it(finished):
     wd = finished
     cfg = yaml.safe_load((wd / "config.yaml").read_text())

@@ -126,6 +126,18 @@ def neighbor_list(
     return idx, mask
 
 
+def gaussian_basis(arg: Tensor) -> Tensor:
+    """exp(arg) for arg <= 0, with values below 1.65 x the smallest normal float set to 0.
+
+    Most entries of a narrow Gaussian basis (width 0.047 A over 12 A) have arguments far below
+    log(smallest normal float) (-87.3 in float32), where torch's CPU exp takes a slow path
+    (measured: 190 ms instead of 2 ms for one batch's 1.6M entries, ~10 % of a training step).
+    Their values are below 2e-38 (float32) or subnormal or 0 anyway; here they are exactly 0.
+    """
+    lo = math.log(torch.finfo(arg.dtype).tiny) + 0.5
+    return torch.where(arg >= lo, torch.exp(arg.clamp_min(lo)), 0.0)
+
+
 def legendre(x: Tensor, n: int) -> Tensor:
     """P_0..P_{n-1}(x) stacked on a new last axis (Bonnet's recursion)."""
     ps = [torch.ones_like(x), x]
@@ -155,7 +167,7 @@ class Geometry:
         self.rhat = vec / dist.clamp_min(1e-9)[..., None] * maskf[..., None]
         envelope = 0.5 * (torch.cos(math.pi * dist / cfg.cutoff) + 1.0) * maskf  # (N, K)
         spacing = cfg.cutoff / (cfg.n_rbf - 1)
-        self.rbf = torch.exp(-0.5 * ((dist[..., None] - centres) / spacing) ** 2)
+        self.rbf = gaussian_basis(-0.5 * ((dist[..., None] - centres) / spacing) ** 2)
         self.rbf = self.rbf * envelope[..., None]
         cosines = self.rhat @ self.rhat.transpose(1, 2)  # (N, K, K)
         self.angular = legendre(cosines, cfg.n_legendre)  # (N, K, K, n_leg)

@@ -85,7 +85,6 @@ _PER_EXAMPLE = ("n_atoms", "noise_seed", "noise_rot", "noise_fixed", "ball_mask"
 class DenoisingTask:
     name = "denoising"
     fields = ("density",)
-    example_major_fields = ("density",)  # (B, ...) grids: each example is one SE unit
     units = {"density": "density^2"}
     primary_field = "density"
 
@@ -355,4 +354,4 @@ class DenoisingTask:
             y = self.target(batch)["density"]
         mask = self.element_mask(batch)["density"]
         z = torch.stack(zs)
-        return {"density": decomposition_from_predictions(z, y, mask=mask, per_example=True)}
+        return {"density": decomposition_from_predictions(z, y, mask=mask, n_examples=B)}
