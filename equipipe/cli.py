@@ -148,6 +148,13 @@ def cmd_analyse(a) -> None:
     getattr(analyses, a.kind)(runs[0], out, spec)
 
 
+def cmd_tuning_summary(a) -> None:
+    from equipipe.tuning import markdown_table, summarise_sweep
+
+    _, finals = summarise_sweep(Path(a.runs), Path(a.out), a.prefix, a.split)
+    print(markdown_table(finals))
+
+
 def cmd_table(a) -> None:
     from equipipe.tables import write_html_tables
 
@@ -351,6 +358,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--spec", default="{}")
     s.set_defaults(fn=cmd_analyse)
+
+    s = sub.add_parser(
+        "tuning-summary",
+        help="summarise the tuning sweep (config/tuning.yaml) into sweep_curves.csv and "
+        "sweep_final.csv",
+    )
+    s.add_argument("--runs", default="results/runs", help="folder holding the tune_* runs")
+    s.add_argument("--out", default="docs/tuning", help="folder of the two CSVs")
+    s.add_argument("--prefix", default="tune_", help="experiment-name prefix of the sweep")
+    s.add_argument("--split", default="val", help="held-out split the sweep evaluated")
+    s.set_defaults(fn=cmd_tuning_summary)
 
     s = sub.add_parser(
         "table", help="render an analysis folder's tables (parquet) as one HTML page"

@@ -352,7 +352,7 @@ def test_paper_grid_plans_offline_quickly():
 
     wall, cpu, text = plan("config/paper.yaml")
     jobs = planned_jobs(subprocess.CompletedProcess([], 0, text, ""))
-    assert jobs["train"] == 30 and jobs["download_spice"] == 1 and jobs["download_geom"] == 1
+    assert jobs["train"] == 31 and jobs["download_spice"] == 1 and jobs["download_geom"] == 1
     assert cpu < 5.0, f"planning took {cpu:.1f} s of CPU ({wall:.1f} s wall)"
 
 
@@ -507,3 +507,40 @@ def test_training_twice_in_one_process_gives_identical_metrics(finished, tmp_pat
     a = _metrics_without_wall(tmp_path / "a/metrics.parquet")
     assert a.equals(_metrics_without_wall(tmp_path / "b/metrics.parquet"))
     assert a.equals(_metrics_without_wall(finished / "results/runs/ff_c4/seed0/metrics.parquet"))
+
+
+def test_efficiency_gap_with_a_tuning_sweep_through_snakemake(finished, tmp_path):
+    """The efficiency analysis and figure read a tuning-sweep summary (equipipe tuning-summary)
+    as a tracked input: c* over the sweep's settings in the table, the sweep panel drawn, and
+    the finished runs are not retrained."""
+    wd = tmp_path / "wf"
+    shutil.copytree(finished, wd, symlinks=True)
+    summary = subprocess.run(
+        [str(BIN / "equipipe"), "tuning-summary", "--runs", "results/runs", "--prefix", "ff_c",
+         "--out", "sweep"], cwd=wd, capture_output=True, text=True, env={**os.environ},
+    )  # fmt: skip
+    assert summary.returncode == 0, summary.stderr[-3000:]
+    cfg = yaml.safe_load((wd / "config.yaml").read_text())
+    pair = {"baseline": "ff_c4", "equivariant": "ff_default", "sweep": "sweep/sweep_curves.csv"}
+    cfg["analyses"]["eff"] = {"kind": "efficiency", "experiments": ["ff_c4", "ff_default"],
+                              "spec": pair}  # fmt: skip
+    cfg["figures"]["eff_gap"] = {"kind": "efficiency_gap", "experiments": ["ff_c4", "ff_default"],
+                                 "style": pair, "caption": "efficiency gap with a sweep"}  # fmt: skip
+    (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
+    targets = ("--", "results/tables/eff.html", "results/figures/eff_gap.png")
+    jobs = planned_jobs(snakemake(wd, "-n", *targets))
+    assert "train" not in jobs and jobs["analyse"] == 1 and jobs["figure"] == 1, jobs
+    snakemake(wd, "--cores", "2", *targets)
+    table = pl.read_parquet(wd / "results/analysis/eff/efficiency.parquet")
+    rows = {r["quantity"]: r for r in table.to_dicts()}
+    assert rows["c_star_sweep"]["n"] == 1 and "lr 0.001" in rows["c_star_sweep"]["note"]
+    assert "constant-learning-rate segment" in rows["alpha"]["method"]
+    assert (wd / "results/figures/eff_gap.png").stat().st_size > 1000
+    # the sweep summary is an input: a new one (here with more runs) reruns the analysis and the
+    # figure only (Snakemake compares small inputs by checksum, so the content must change)
+    subprocess.run(
+        [str(BIN / "equipipe"), "tuning-summary", "--runs", "results/runs", "--prefix", "ff_",
+         "--out", "sweep"], cwd=wd, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    jobs = planned_jobs(snakemake(wd, "-n", *targets))
+    assert "train" not in jobs and jobs["analyse"] == 1 and jobs["figure"] == 1, jobs
