@@ -274,16 +274,16 @@ def test_denoising_grid_lives_in_the_geom_preprocess_block():
     for exp in ("voxmol_111M_100", "voxmol_7M"):
         tc = run_spec(cfg, exp, 0)["task_cfg"]
         assert (tc["grid_size"], tc["grid_spacing"]) == (64, 0.25)
-    cfg = _put(DEFAULT, "datasets.geom.preprocess.grid_size", 24)
-    assert run_spec(_check(cfg), "dn_default", 0)["task_cfg"]["grid_size"] == 24
+    cfg = _put(DEFAULT, "datasets.geom.preprocess.grid_size", 16)
+    assert run_spec(_check(cfg), "dn_default", 0)["task_cfg"]["grid_size"] == 16
     with pytest.raises(ConfigError) as err:
         _check(_put(DEFAULT, "tasks.denoising.task_cfg.grid_size", 64))
     msg = str(err.value)
     assert (
-        "tasks.denoising.task_cfg.grid_size: 64 differs from datasets.geom.preprocess.grid_size = 32"
+        "tasks.denoising.task_cfg.grid_size: 64 differs from datasets.geom.preprocess.grid_size = 24"
         in msg
     )
-    _check(_put(DEFAULT, "tasks.denoising.task_cfg.grid_spacing", 0.5))  # equal: accepted
+    _check(_put(DEFAULT, "tasks.denoising.task_cfg.grid_spacing", 0.75))  # equal: accepted
 
 
 # --------------------------------------------------------------------------- code and docs agree
