@@ -11,7 +11,6 @@ import polars as pl
 import pytest
 from matplotlib.figure import Figure
 
-from equipipe import figures
 from equipipe.collect import METRICS_SCHEMA, RUN_COLUMNS
 from equipipe.figures import KINDS, build_figure, make_figure, register_kind
 
@@ -294,7 +293,7 @@ def test_register_kind_and_errors(data, tmp_path):
         with pytest.raises(ValueError, match="already registered"):
             register_kind("_test_kind")(lambda ctx: None)
     finally:
-        figures.KINDS.pop("_test_kind", None)
+        KINDS.pop("_test_kind", None)
     with pytest.raises(ValueError, match="unknown figure kind"):
         make_figure({"kind": "nope"}, metrics, runs, tmp_path / "n")
     with pytest.raises(ValueError, match="no rows"):

@@ -1,9 +1,7 @@
 """Figure kinds drawn from analysis outputs (``equipipe.analyses``): landscape, twirling.
 
-Registered with ``equipipe.figures.register_kind``; a kind gets a ``FigureContext`` whose
-``extra`` maps analysis names to their output folders (``results/analysis/<name>``). The folder
-drawn is the style key ``analysis`` (a name in ``extra``), else the first folder holding the
-kind's table.
+A kind gets a ``FigureContext`` whose ``extra`` maps analysis names to their output folders
+(``results/analysis/<name>``); ``FigureContext.analysis_dir`` picks the one drawn.
 
 ``landscape`` (style keys: ``analysis``, ``panels`` ["study"] or ["study", "own"],
 ``shared_z`` (true), ``cmap``, ``elev``, ``azim``): 3D surfaces of L_mean and L_equiv on the
@@ -33,7 +31,9 @@ import polars as pl
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from equipipe.figures import PALETTE, FigureContext, register_kind
+from equipipe.figures.data import FigureContext
+from equipipe.figures.registry import register_kind
+from equipipe.figures.style import PALETTE
 
 LOSS_LABELS = {"mean": r"$L_{mean}$ (twirled)", "equiv": r"$L_{equiv}$", "total": r"$L_{total}$"}
 COMPLEMENTARY_NOTE = (
@@ -41,24 +41,6 @@ COMPLEMENTARY_NOTE = (
     "on the deviation W - 1 w\u0304\u1d40,\nso their Hessians act on complementary subspaces and "
     "L_mean is flat along every eigenvector of L_equiv's Hessian."
 )
-
-
-def _analysis_dir(ctx: FigureContext, table: str) -> Path:
-    name = ctx.style.get("analysis")
-    if name is not None:
-        if name not in ctx.extra:
-            raise ValueError(
-                f"figure ({ctx.spec.get('kind')}): analysis {name!r} is not an input; "
-                f"inputs: {sorted(ctx.extra)}"
-            )
-        return Path(ctx.extra[name])
-    for path in ctx.extra.values():
-        if (Path(path) / table).is_file():
-            return Path(path)
-    raise ValueError(
-        f"figure ({ctx.spec.get('kind')}): no analysis input holds {table}; add the analysis to "
-        f"the figure's 'analyses' (inputs: {sorted(ctx.extra)})"
-    )
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -91,7 +73,7 @@ def _surface(grid: pl.DataFrame, axes: str, loss: str):
 @register_kind("landscape")
 def landscape_figure(ctx: FigureContext) -> Figure:
     """Loss surfaces around a checkpoint on Hessian-eigenvector planes (see module docstring)."""
-    d = _analysis_dir(ctx, "landscape_grid.parquet")
+    d = ctx.analysis_dir("landscape_grid.parquet")
     grid = pl.read_parquet(d / "landscape_grid.parquet")
     kappa = {
         r["loss"]: r for r in pl.read_parquet(d / "landscape_kappa.parquet").iter_rows(named=True)
@@ -189,7 +171,7 @@ def landscape_figure(ctx: FigureContext) -> Figure:
 @register_kind("twirling")
 def twirling_figure(ctx: FigureContext) -> Figure:
     """Measured error of the K-twirled model vs L_mean + L_equiv / K (see module docstring)."""
-    d = _analysis_dir(ctx, "twirling.parquet")
+    d = ctx.analysis_dir("twirling.parquet")
     df = pl.read_parquet(d / "twirling.parquet")
     meta = _read_json(d / "twirling.json")
     fields = df["field"].unique(maintain_order=True).to_list()
