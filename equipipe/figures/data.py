@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import polars as pl
@@ -27,6 +28,7 @@ from equipipe.collect import pct_scale
 from equipipe.figures.style import PALETTE
 
 DEFAULT_SPLIT = "val"
+Missing = Literal["error", "empty"]
 
 
 class MissingSplitError(ValueError):
@@ -115,7 +117,12 @@ class FigureContext:
 
     # ---- selection
     def in_split(
-        self, df: pl.DataFrame, exp: str, what: str, split: str | None = None, missing="error"
+        self,
+        df: pl.DataFrame,
+        exp: str,
+        what: str,
+        split: str | None = None,
+        missing: Missing = "error",
     ) -> pl.DataFrame:
         """``df`` (rows of one experiment and metric) in one split, never another.
 
@@ -123,6 +130,8 @@ class FigureContext:
         in other splits only: ``missing="error"`` raises MissingSplitError naming the splits
         present, ``missing="empty"`` returns no rows.
         """
+        if missing not in ("error", "empty"):
+            raise ValueError(f"missing={missing!r}; allowed: error, empty")
         want = split or self.opt("split", DEFAULT_SPLIT)
         if isinstance(want, list | tuple):
             want = want[0]
@@ -145,7 +154,7 @@ class FigureContext:
         *,
         split: str | None = None,
         field_name: str | None = None,
-        missing: str = "error",
+        missing: Missing = "error",
     ) -> pl.DataFrame:
         """Rows of one metric for one experiment, one split (``in_split``) and one field.
 

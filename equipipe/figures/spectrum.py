@@ -28,7 +28,7 @@ import polars as pl
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from equipipe.figures.data import FigureContext, flow_times
+from equipipe.figures.data import FigureContext, Missing, flow_times
 from equipipe.figures.registry import register_kind
 from equipipe.figures.style import (
     add_legend,
@@ -64,7 +64,9 @@ def _seed_mean(df: pl.DataFrame, by: list[str]) -> pl.DataFrame:
     )
 
 
-def _field_rows(ctx: FigureContext, exp: str, metric: str, missing: str = "error") -> pl.DataFrame:
+def _field_rows(
+    ctx: FigureContext, exp: str, metric: str, missing: Missing = "error"
+) -> pl.DataFrame:
     df = ctx.rows(exp, metric, missing=missing)
     return df if "ell" in df.columns else df.clear()
 

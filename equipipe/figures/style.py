@@ -1,10 +1,10 @@
 """How figures look: matplotlib rc, palette, labels, and the axes helpers every kind uses.
 
-Style keys understood by every kind (all optional): ``title, figsize, labels {experiment:
-legend label}, colors {experiment: colour}, split ("val"), field (default: run.json
-primary_field), xscale, yscale ("linear"|"log"), xmin, xmax, ymin, ymax, legend (location
-string, or false), hlines [{y, label, color}], annotations (a string, or [{text, x | x_epochs,
-y, dx, dy}])``. Kind-specific keys are listed in each kind's docstring.
+Common style keys (all optional; the schema's ``figure_style_kinds`` lists which kind reads
+which): ``title, figsize, labels {experiment: legend label}, colors {experiment: colour}, split
+("val"), field (default: run.json primary_field), xscale, yscale ("linear"|"log"), xmin, xmax,
+ymin, ymax, legend (location string, or false), hlines [{y, label, color}], annotations (a
+string, or [{text, x | x_epochs, y, dx, dy}])``. Kind-specific keys are in each kind's docstring.
 """
 
 from __future__ import annotations
