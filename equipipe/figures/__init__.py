@@ -6,11 +6,12 @@ Entry point: ``make_figure(spec, metrics, runs, out_prefix, extra=None)`` (``ren
 * ``registry``: ``KINDS`` (name -> kind function) and ``register_kind``;
 * ``data``: ``FigureContext``, what a kind reads (spec, metrics, run facts, analysis folders)
   and the selection of rows (one split, never another: a missing split is an error);
-* ``style``: rc, palette, labels and the axes helpers shared by the kinds;
+* ``style``: rc, palette, labels and the axes helpers shared by the kinds; ``bands``: the
+  ±1 standard-error bands of the pct curves;
 * ``render``: ``build_figure`` / ``make_figure``;
 * the kinds, grouped by what they show: ``curves`` (pct and loss-decomposition curves),
   ``mechanism`` (gradient-norm ratio, force-head deviation), ``spectrum`` (error per irrep,
-  hidden-layer ℓ content), ``analyses`` (loss landscape, test-time twirling), ``md`` (rotated-start
+  hidden-layer ℓ content), ``analyses`` (loss landscape, test-time twirling, decay rates, Hessian spectral densities), ``md`` (rotated-start
   MD deviation), ``efficiency`` (the efficiency gap).
 
 The kind modules are imported here, explicitly; importing them registers their kinds.

@@ -106,6 +106,10 @@ class FigureContext:
                     f"figure ({self.spec.get('kind')}): analysis {name!r} is not an input; "
                     f"inputs: {sorted(self.extra)}"
                 )
+            if not (Path(self.extra[name]) / table).is_file():
+                raise ValueError(
+                    f"figure ({self.spec.get('kind')}): analysis {name!r} holds no {table}"
+                )
             return Path(self.extra[name])
         for path in self.extra.values():
             if (Path(path) / table).is_file():
