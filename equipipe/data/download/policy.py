@@ -227,6 +227,7 @@ def _retry_after(headers) -> float | None:
 
 
 def is_html(headers) -> bool:
+    """True when the response headers announce an HTML page (an error or login page)."""
     ctype = (headers.get("Content-Type") or "") if headers is not None else ""
     return ctype.split(";")[0].strip().lower() in ("text/html", "application/xhtml+xml")
 

@@ -219,6 +219,7 @@ def _check_space(dest: Path, need: int | None) -> None:
 
 
 def sleep(seconds: float, cancel: threading.Event | None) -> None:
+    """Wait ``seconds``, or less when ``cancel`` is set (the pool stops its workers so)."""
     if seconds <= 0:
         return
     if cancel is not None:

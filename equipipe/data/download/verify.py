@@ -18,6 +18,7 @@ CHUNK = 1 << 20  # bytes per read; large enough for throughput, small enough for
 
 
 def new_hashers(md5: str | None, sha256: str | None) -> dict:
+    """Fresh hashlib objects for the digests that are expected ({"md5": ..., "sha256": ...})."""
     out = {}
     if md5:
         out["md5"] = hashlib.md5(usedforsecurity=False)
@@ -27,6 +28,7 @@ def new_hashers(md5: str | None, sha256: str | None) -> dict:
 
 
 def hash_file(path: Path, hashers: dict, limit: int | None = None) -> None:
+    """Feed the first ``limit`` bytes of ``path`` (all of it with None) to ``hashers``."""
     with open(path, "rb") as f:
         left = limit
         while left is None or left > 0:
@@ -41,6 +43,8 @@ def hash_file(path: Path, hashers: dict, limit: int | None = None) -> None:
 
 @dataclass
 class Expect:
+    """What one transfer must produce (:class:`RemoteFile` resolved for one destination)."""
+
     url: str
     size: int | None
     md5: str | None

@@ -114,7 +114,7 @@ def build_embedded(out_dir: Path, cfg: dict | None = None) -> None:
     """Write ``out_dir/rdkit_folder.tar.gz`` (GEOM layout) and its sha256 manifest.
 
     ``n_molecules`` molecules from :func:`equipipe.data.embedded.smiles_pool` (GEOM elements,
-    seed ``seed`` — not SPICE's), ETKDGv3 with 0.5 Å RMS pruning -> MMFF94 -> each conformer
+    seed ``seed`` — not SPICE's), ETKDGv3 with ``prune_rms`` RMS pruning -> MMFF94 -> each conformer
     centred and rotated by its own seeded Haar rotation (stored as ``equipipe_rotation``) ->
     GFN2-xTB single-point energy (hartree) -> relative energies (kcal/mol) and Boltzmann
     weights at ``temperature``. Molecules that fail are replaced by the next ones of the seeded

@@ -54,6 +54,7 @@ SOURCE_ALIASES = {"remote": "geom-rdkit"}
 
 
 def resolve_config(cfg: dict | None) -> dict[str, Any]:
+    """DEFAULTS updated with ``cfg`` and checked; ``download.expected`` folded into the trust pins."""
     cfg = {**DEFAULTS, **(cfg or {})}
     cfg["source"] = SOURCE_ALIASES.get(cfg["source"], cfg["source"])
     if cfg["source"] not in SOURCES:
@@ -142,4 +143,5 @@ def smiles_hash(smiles: str) -> str:
 
 
 def sha256_hex(data: bytes) -> str:
+    """Hex sha256 of ``data``."""
     return hashlib.sha256(data).hexdigest()

@@ -124,6 +124,7 @@ def conformer_record(
 
 
 def records_rdkit_folder(raw_dir: Path, cfg: dict, source: str) -> Iterator[dict]:
+    """Molecule records of ``raw_dir/rdkit_folder.tar.gz`` (verified first), or why one is unusable."""
     archive = raw_dir / ARCHIVE
     if not archive.is_file():
         raise FileNotFoundError(
@@ -157,6 +158,7 @@ def records_rdkit_folder(raw_dir: Path, cfg: dict, source: str) -> Iterator[dict
 
 
 def records_midi(raw_dir: Path, cfg: dict) -> Iterator[dict]:
+    """Molecule records of the three MiDi pickles (each verified first), in one sandboxed child."""
     from equipipe.data.pickle_sandbox import DEFAULT_MEMORY_BYTES, Sandbox
 
     paths = {split: raw_dir / f"{split}_data.pickle" for split in MIDI_SPLITS}

@@ -38,6 +38,7 @@ def _remote_url(cfg: dict[str, Any], url: str) -> str:
 
 
 def structure_url(pdb_id: str, cfg: dict[str, Any] | None = None) -> str:
+    """RCSB URL of entry ``pdb_id``'s gzip'd mmCIF (under ``base_url`` when set)."""
     return _remote_url(
         resolve_config(cfg), SOURCES["remote"]["structure"].format(id=pdb_id.lower())
     )

@@ -47,10 +47,6 @@ RESIDUE_INDEX = {name: i for i, name in enumerate(THREE_LETTER)}
 WATER = frozenset({"HOH", "DOD", "WAT", "H2O", "SOL", "TIP", "TIP3", "TIP4", "SPC"})
 
 
-# --------------------------------------------------------------------------------------------
-# reading structures: two backends, one selection rule
-
-
 class StructureError(Exception):
     """A structure file that cannot be read at all (truncated gzip, not mmCIF, ...)."""
 

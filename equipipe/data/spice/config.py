@@ -67,6 +67,7 @@ DEFAULTS: dict[str, Any] = {"source": "embedded", **dataset_defaults("spice")}  
 
 
 def resolve_config(cfg: dict | None) -> dict[str, Any]:
+    """DEFAULTS updated with ``cfg``; ``source`` checked against ``SOURCES``."""
     cfg = {**DEFAULTS, **(cfg or {})}
     if cfg["source"] not in SOURCES:
         raise ValueError(
@@ -109,6 +110,7 @@ def pins(source: str, cfg: dict) -> dict[str, dict[str, Any]]:
 
 
 def elements_z(symbols) -> set[int]:
+    """Atomic numbers of element symbols (the vocabulary)."""
     from rdkit import Chem
 
     table = Chem.GetPeriodicTable()
