@@ -81,12 +81,14 @@ def test_quadratic_fit_and_condition_edge_cases():
 # --- the model objective -------------------------------------------------------------------
 
 
-def make_setup(B=3, n_batches=2):
+def make_setup(B=3, n_batches=2, hidden=12):
     task = ForceFieldTask({"energy_reference": "none"})
     task.set_state({"energy_reference": "none", "element_energy": {}, "energy_mean": 0.0,
                     "energy_std": 1.0, "force_std": 1.3})  # fmt: skip
     torch.manual_seed(0)
-    model = build("tiny", hidden=12, n_heads=2, n_rbf=8, max_neighbors=5, cutoff=5.0, n_layers=1)
+    model = build(
+        "tiny", hidden=hidden, n_heads=2, n_rbf=8, max_neighbors=5, cutoff=5.0, n_layers=1
+    )
     batches = []
     for s in range(n_batches):
         g = torch.Generator().manual_seed(s)
