@@ -11,7 +11,10 @@ Layout::
       quarantine.parquet   id, reason (+ source fields): bad records, never silently dropped
 
 Arrays are opened with memory mapping, so loading a subset is indexing, not copying files.
-The writer streams to temporary files and lands the folder contents at ``close``.
+The writer streams to temporary files in ``<store>.partial`` and lands the folder at ``close``.
+Used as a context manager it cleans up after itself: an exception inside the ``with`` block (a
+corrupt raw file, an interrupt) or while landing removes ``<store>.partial``; only a store that
+fails the ``max_bad_fraction`` check keeps it, so that its ``quarantine.parquet`` can be read.
 """
 
 from __future__ import annotations
@@ -155,11 +158,22 @@ class StoreWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
+        if exc_type is not None:
+            self.discard()
+            return
+        try:
             self.close()
-        else:
-            for f in self._atom_files.values():
-                f.close()
+        except TooManyBadRecords:
+            raise  # keeps <store>.partial/quarantine.parquet for inspection (named in the message)
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        """Drop the partial store (a failed or interrupted writer leaves nothing behind)."""
+        for f in self._atom_files.values():
+            f.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 class Store:

@@ -451,7 +451,7 @@ def tls_files(tmp_path):
 def test_https_certificate_is_checked(tls_files, tmp_path, monkeypatch):
     import ssl
 
-    from equipipe.data import download
+    from equipipe.data.download import policy
     from tests.httpserver import LoopbackServer
 
     cert, key = tls_files
@@ -467,6 +467,6 @@ def test_https_certificate_is_checked(tls_files, tmp_path, monkeypatch):
             fetch(_remote(url, body), out / "f.bin", retries=3, **FAST)
         assert server.requests == [] and not (out / "f.bin").exists()
         # the same server is fine once its certificate is trusted
-        monkeypatch.setattr(download, "_SSL_CONTEXT", ssl.create_default_context(cafile=cert))
+        monkeypatch.setattr(policy, "_SSL_CONTEXT", ssl.create_default_context(cafile=cert))
         fetch(_remote(url, body), out / "f.bin", **FAST)
         assert (out / "f.bin").read_bytes() == body

@@ -222,7 +222,7 @@ def test_embedded_archive_streams_through_the_same_reader(embedded_raw, tmp_path
         v["pickle_path"].startswith("drugs/") for v in summary.values()
     )
 
-    _, check = geom.member_verifier(embedded_raw, geom._config({}))
+    _, check = geom.member_verifier(embedded_raw, geom.resolve_config({}))
     records = list(geom.iter_rdkit_folder(embedded_raw / geom.ARCHIVE, check))
     assert len(records) == 3
     for _, rec in records:
@@ -315,6 +315,6 @@ def test_remote_download_verifies_against_the_dataverse_api(http_server, tmp_pat
 
 def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match="conformer_order"):
-        geom._config({"conformer_order": "random"})
+        geom.resolve_config({"conformer_order": "random"})
     with pytest.raises(ValueError, match="source"):
-        geom._config({"source": "nope"})
+        geom.resolve_config({"source": "nope"})

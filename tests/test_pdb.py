@@ -14,6 +14,7 @@ import pytest
 from equipipe.data import pdb
 from equipipe.data.clustering import alignment_stats, cluster_builtin, cluster_sequences
 from equipipe.data.download import DownloadError
+from equipipe.data.pdb import read as pdb_read
 from equipipe.data.splits import make_split
 from equipipe.store import Store
 from tests.httpserver import Fault
@@ -82,9 +83,9 @@ def test_known_chain_contents():
 def test_altloc_rule_and_point_mutation():
     ca = lambda alt, occ, x: (alt, occ, x, 0.0, 0.0)  # noqa: E731
     # altloc A wins even at lower occupancy; else the highest occupancy; first on ties.
-    assert pdb._pick_ca([ca("B", 0.6, 1.0), ca("A", 0.4, 2.0)]) == 1
-    assert pdb._pick_ca([ca("B", 0.3, 1.0), ca("C", 0.7, 2.0)]) == 1
-    assert pdb._pick_ca([ca("B", 0.5, 1.0), ca("C", 0.5, 2.0)]) == 0
+    assert pdb_read._pick_ca([ca("B", 0.6, 1.0), ca("A", 0.4, 2.0)]) == 1
+    assert pdb_read._pick_ca([ca("B", 0.3, 1.0), ca("C", 0.7, 2.0)]) == 1
+    assert pdb_read._pick_ca([ca("B", 0.5, 1.0), ca("C", 0.5, 2.0)]) == 0
     recs = [
         ("GLY", 1, "", True, [ca("", 1.0, 0.0)]),
         ("SER", 2, "", True, [ca("A", 0.4, 3.8)]),  # point mutation: SER (A) / THR (B)
@@ -101,7 +102,9 @@ def test_altloc_rule_and_point_mutation():
     assert reason == "non-standard residue MSE"
     # 3PWP chain B has CA altlocs A/B at 0.5 each on Gln 2: both backends take A.
     for backend in pdb.BACKENDS:
-        recs = pdb._READERS[backend](pdb.read_bytes(FIX / "structures" / "3pwp.cif.gz"), {"B"})["B"]
+        recs = pdb_read._READERS[backend](
+            pdb.read_bytes(FIX / "structures" / "3pwp.cif.gz"), {"B"}
+        )["B"]
         q2 = next(r for r in recs if r[1] == 2)
         assert [c[0] for c in q2[4]] == ["A", "B"]
         sel, _ = pdb.select_residues([q2])
@@ -292,7 +295,7 @@ def test_metadata_filters():
     assert set(wide["id"]) == {"1bd2_A", "1bd2_B", "3pwp_A", "3pwp_B", "5pti_A", "9low_A", "9big_A"}
     # 9nmr has no positive resolution; 9dna is not protein; 9sho too short; 9unk has X.
     with pytest.raises(ValueError, match="backend"):
-        pdb.config({"backend": "pymol"})
+        pdb.resolve_config({"backend": "pymol"})
 
 
 # ---------------------------------------------------------------------------------- embedded

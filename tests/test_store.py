@@ -41,6 +41,20 @@ def test_store_fails_clearly_when_too_many_bad(tmp_path):
     assert not (tmp_path / "store").exists()
 
 
+def test_store_writer_cleans_up_after_itself(tmp_path):
+    """The writer, not each dataset, removes a failed store's partial folder; only a store
+    refused for too many bad records keeps it (its quarantine table is named in the error)."""
+    with pytest.raises(KeyboardInterrupt):
+        with StoreWriter(tmp_path / "store", per_atom=["z"]) as w:
+            w.add("a", "a", {"z": np.zeros(3)})
+            raise KeyboardInterrupt  # a corrupt raw file, a killed job, ...
+    assert not (tmp_path / "store.partial").exists() and not (tmp_path / "store").exists()
+    with pytest.raises(TooManyBadRecords, match="store.partial/quarantine.parquet"):
+        _write(tmp_path / "store", n=1, bad=3, max_bad=0.5)
+    kept = pl.read_parquet(tmp_path / "store.partial" / "quarantine.parquet")
+    assert kept.height == 3 and not (tmp_path / "store").exists()
+
+
 def test_store_rejects_inconsistent_examples(tmp_path):
     w = StoreWriter(tmp_path / "s", per_atom=["pos", "z"])
     with pytest.raises(ValueError, match="rows"):

@@ -134,9 +134,11 @@ def test_geom_local_copy_with_pinned_md5_needs_no_server(tmp_path, small_geom):
 
 def test_geom_pins_conflict_and_unknown_names_are_refused():
     with pytest.raises(ValueError, match="differ"):
-        geom._config({"rdkit_folder_md5": "a" * 32, "expected": {geom.ARCHIVE: {"md5": "b" * 32}}})
+        geom.resolve_config(
+            {"rdkit_folder_md5": "a" * 32, "expected": {geom.ARCHIVE: {"md5": "b" * 32}}}
+        )
     with pytest.raises(ValueError, match="allowed"):
-        geom._config({"expected": {"rdkit_folder.tgz": {"md5": "a" * 32}}})
+        geom.resolve_config({"expected": {"rdkit_folder.tgz": {"md5": "a" * 32}}})
 
 
 def test_dataverse_html_page_and_429_are_retried_content_redirected(

@@ -9,7 +9,9 @@ UNDECLARED cache next to the outputs (as training keeps ``work/``)::
     resources/<dataset>/.cache/<source>/   partial and finished files, the hash ledger
 
 and a finished, verified file lands in the declared output by hard link (a symbolic link where
-the file system has none); never by copy: SPICE 2.0.1 is 37 GB.
+the file system has none); never by copy: SPICE 2.0.1 is 37 GB. :func:`fetch_or_link` does this
+for every file of a source (or links the user's verified copy from ``download_dir``), so the
+datasets' download steps only say which files they want and what each must match.
 
 This module also holds what a release file must look like (:func:`expected`: the pins of
 ``SOURCES`` updated by the validated ``download.expected`` block of the config), the hash ledger
@@ -25,6 +27,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,9 +186,7 @@ class Ledger:
             **extra,
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.entries, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        write_json(self.path, self.entries)
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,11 +221,16 @@ def file_record(
 
 def write_provenance(out_dir: str | os.PathLike, source: str, files: dict[str, dict]) -> Path:
     """Write ``<out_dir>/download.json`` ({source, files: {name: record}}) atomically."""
-    dest = Path(out_dir) / PROVENANCE
-    tmp = dest.with_name(dest.name + ".tmp")
-    tmp.write_text(json.dumps({"source": source, "files": files}, indent=1, sort_keys=True))
-    os.replace(tmp, dest)
-    return dest
+    return write_json(Path(out_dir) / PROVENANCE, {"source": source, "files": files})
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically (temporary name, rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+    return path
 
 
 def read_provenance(raw_dir: str | os.PathLike) -> dict[str, Any] | None:
@@ -236,59 +242,62 @@ def read_provenance(raw_dir: str | os.PathLike) -> dict[str, Any] | None:
 
 
 # --------------------------------------------------------------------------------------------
-# one release file: download (or take the local copy) into the cache, verify, record, land
+# the files of a source: each linked from download_dir or downloaded, verified, recorded, landed
 
 
-def fetch_and_land(
-    url: str,
+@dataclass
+class SourceFile:
+    """One file of a source: its name in the output, what it must match, where it comes from.
+
+    ``url`` may be a callable ``(expected) -> url``, asked only when no local copy landed (a
+    repository API look-up, which may also fill in ``expected`` facts it publishes).
+    """
+
+    name: str
+    expected: Expected
+    url: str | Callable[[Expected], str]
+
+
+def fetch_or_link(
     out_dir: str | os.PathLike,
-    name: str,
-    exp: Expected,
+    source: str,
+    files: Iterable[SourceFile],
     cfg: dict[str, Any] | None = None,
     *,
-    count_frames=None,
-    **fetch_kw: Any,
-) -> dict[str, Any]:
-    """Download ``url`` into the cache, check it against ``exp``, land it as ``out_dir/name``.
+    count_frames: Callable[[Path], int] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Land every file of ``source`` in ``out_dir``; write and return its provenance records.
 
-    The transfer resumes from the cache's ``.partial`` (which survives failed jobs); a cached
-    file that already verifies is landed without any request. ``count_frames(path) -> int``
-    (extended XYZ) is compared with ``exp.frames``; a mismatch deletes the cached file and
-    raises :class:`~equipipe.data.download.DownloadError`, as does a sha256 that differs from
-    the one that landed before (unless ``cfg['accept_new_sha256']``). Returns the file's
-    provenance record (:func:`file_record`).
+    A file is linked from ``cfg['download_dir']`` when a copy there verifies against its
+    expected facts (nothing is contacted; never copied). Otherwise its URL is resolved and it
+    is downloaded into the undeclared cache (the transfer resumes from the cache's
+    ``.partial``, which survives failed jobs; a cached file that already verifies is landed
+    without any request) and hard-linked into ``out_dir``. Either way ``count_frames(path) ->
+    int`` (extended XYZ) is compared with the expected frames, a mismatch deleting the cached
+    file and raising :class:`~equipipe.data.download.DownloadError`, as does a sha256 that
+    differs from the one that landed before (unless ``cfg['accept_new_sha256']``). The records
+    ({name: :func:`file_record`}) are written to ``out_dir/download.json``.
     """
-    from equipipe.data.download import RemoteFile, fetch
+    from equipipe.data.download import RemoteFile, fetch, use_local_copy
 
-    cache = cache_dir(out_dir)
-    cached = fetch(
-        RemoteFile(url, size=exp.size, md5=exp.md5, sha256=exp.sha256, name=name),
-        cache / name,
-        **fetch_kw,
-    )
-    return _verify_and_land(cached, Path(out_dir), name, exp, cfg, url, count_frames)
-
-
-def land_local_copy(
-    src: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    name: str,
-    exp: Expected,
-    cfg: dict[str, Any] | None = None,
-    *,
-    count_frames=None,
-) -> dict[str, Any] | None:
-    """Land a user's existing file (``download_dir``) if it verifies; None (and a log line) if not.
-
-    Linked, never copied; the same frame and ledger checks as :func:`fetch_and_land`.
-    """
-    from equipipe.data.download import use_local_copy
-
+    cfg = cfg or {}
     out_dir = Path(out_dir)
-    dest = out_dir / name
-    if not use_local_copy(Path(src), dest, size=exp.size, md5=exp.md5, sha256=exp.sha256):
-        return None
-    return _verify_and_land(Path(src), out_dir, name, exp, cfg, f"file://{Path(src)}", count_frames)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    local = Path(cfg["download_dir"]).expanduser() if cfg.get("download_dir") else None
+    landed: dict[str, dict[str, Any]] = {}
+    for f in files:
+        exp, name = f.expected, f.name
+        if local is not None and use_local_copy(
+            local / name, out_dir / name, size=exp.size, md5=exp.md5, sha256=exp.sha256
+        ):
+            url, path = f"file://{local / name}", local / name
+        else:
+            url = f.url(exp) if callable(f.url) else f.url  # a look-up may fill in exp
+            remote = RemoteFile(url, size=exp.size, md5=exp.md5, sha256=exp.sha256, name=name)
+            path = fetch(remote, cache_dir(out_dir) / name)
+        landed[name] = _verify_and_land(path, out_dir, name, exp, cfg, url, count_frames)
+    write_provenance(out_dir, source, landed)
+    return landed
 
 
 def _verify_and_land(

@@ -10,7 +10,7 @@
 - MiDi's processed split ``{train,val,test}_data.pickle``: a list of ``(smiles, [RDKit Mol])``.
 
 Molecules: RDKit's NCI list, ETKDGv3 conformers, MMFF94, GFN2-xTB energies (tblite), through
-the embedded builder's per-molecule routine (:func:`equipipe.data.geom._embedded_molecule`).
+the embedded builder's per-molecule routine (:func:`equipipe.data.geom.build._embedded_molecule`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class GeomRelease:
 
 def _molecules(n: int, seed: int) -> list[dict]:
     from equipipe.data.embedded import GEOM_ELEMENTS, item_seed, smiles_pool
-    from equipipe.data.geom import _embedded_molecule
+    from equipipe.data.geom.build import _embedded_molecule
 
     out = []
     for j, smi in enumerate(smiles_pool(3 * n, seed, 8, 14, GEOM_ELEMENTS)):
