@@ -52,7 +52,7 @@ from equipipe.equivariance import (
 )
 from equipipe.forcehead import HEAD_PARAM, head_equiv_error, with_twirled_head
 from equipipe.so3 import octahedral_rotations
-from equipipe.tasks.base import Batch
+from equipipe.tasks.base import Batch, Task
 
 LANDSCAPE_DEFAULTS: dict[str, Any] = defaults("analysis", "landscape")  # the schema's
 
@@ -78,7 +78,7 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def _load(run_dir: Path, spec: dict):
-    from equipipe.runs import load_run  # noqa: PLC0415 (heavy: data loader, store)
+    from equipipe.runs import load_run  # heavy: data loader, store
 
     run = load_run(run_dir, spec["checkpoint"], device=spec["device"])
     batches = run.batches(spec["split"], spec["n_examples"], spec["batch_size"])
@@ -96,17 +96,13 @@ def _step_of(info: dict, checkpoint: str) -> int | None:
     return int(total) if total else None
 
 
-def _unit(task, field: str) -> str | None:
-    return (getattr(task, "units", None) or {}).get(field)
-
-
 # --------------------------------------------------------------------------------------------
 # Landscape
 
 
 def landscape_from_model(
     model: nn.Module,
-    task,
+    task: Task,
     batches: list[Batch],
     spec: dict | None = None,
     generator: torch.Generator | None = None,
@@ -200,7 +196,7 @@ def landscape_from_model(
     )  # fmt: skip
     facts = {
         "param": obj.param_name, "n_params": obj.n_params, "field": obj.field,
-        "unit": _unit(task, obj.field), "k": 24 if rotations == "octahedral" else k,
+        "unit": task.units.get(obj.field), "k": 24 if rotations == "octahedral" else k,
         "rotations": rotations, "n_elements": obj.n_elements,
         "dtype": str(dtype).replace("torch.", ""),
     }  # fmt: skip
@@ -296,7 +292,7 @@ def landscape(run_dir: str | Path, out_dir: str | Path, spec: dict | None = None
     logged = _logged_values(Path(run_dir), step, res["meta"]["field"]) if not spec["labels"] else {}
     meta = {"checkpoint": spec["checkpoint"], "step": step, "spec": spec, "run": str(run_dir),
             "experiment": run.info.get("experiment"), "seed": run.info.get("seed"),
-            "task": getattr(run.task, "name", None), "logged_at_step": logged,
+            "task": run.task.name, "logged_at_step": logged,
             "seconds": time.perf_counter() - t0}  # fmt: skip
     write_landscape(res, Path(out_dir), meta)
     return res
@@ -325,7 +321,7 @@ def _has_direct_head(model: nn.Module) -> bool:
 
 def twirling_from_model(
     model: nn.Module,
-    task,
+    task: Task,
     batches: list[Batch],
     spec: dict | None = None,
     generator: torch.Generator | None = None,
@@ -353,16 +349,14 @@ def twirling_from_model(
     gen = generator if generator is not None else torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
-    rotation_set = getattr(task, "rotation_set", None)
     exact = bool(spec["exact"]) and _has_direct_head(model)
     dtype = next(model.parameters()).dtype
     twin = with_twirled_head(model).eval() if exact else None  # the exact K -> infinity twirl
 
     views = []
     for batch in batches:
-        pairs = task.eval_views(batch, gen) if hasattr(task, "eval_views") else [({}, batch)]
-        for lab, view in list(pairs):
-            if rotation_set is not None and rotation_set(lab) is not None:
+        for lab, view in task.eval_views(batch, gen):
+            if task.rotation_set(lab) is not None:
                 continue
             if ls._label_match(lab, spec["labels"]):
                 views.append((dict(lab), view))
@@ -440,7 +434,7 @@ def twirling_from_model(
                 "predicted": float(pred_r.mean()), "predicted_se": _se(pred_r),
                 "mean_unbiased": float(mean_r.mean()), "equiv_unbiased": float(equiv_r.mean()),
                 "k_decomp": k_dec, "exact_twirl_mse": None, "exact_equiv": None, "exact_predicted": None,
-                "n_elements": n, "unit": _unit(task, f),
+                "n_elements": n, "unit": task.units.get(f),
             }  # fmt: skip
             if key in exact_mean:
                 em, ee = exact_mean[key] / n, exact_equiv[key] / n
@@ -472,8 +466,8 @@ def twirling(run_dir: str | Path, out_dir: str | Path, spec: dict | None = None)
     table.write_parquet(out_dir / "twirling.parquet")
     meta = {"checkpoint": spec["checkpoint"], "step": _step_of(run.info, spec["checkpoint"]),
             "spec": spec, "run": str(run_dir), "experiment": run.info.get("experiment"),
-            "seed": run.info.get("seed"), "task": getattr(run.task, "name", None),
-            "primary_field": getattr(run.task, "primary_field", None),
+            "seed": run.info.get("seed"), "task": run.task.name,
+            "primary_field": run.task.primary_field,
             "seconds": time.perf_counter() - t0}  # fmt: skip
     (out_dir / "twirling.json").write_text(json.dumps(meta, indent=1, default=str))
     return table

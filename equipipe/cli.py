@@ -99,8 +99,9 @@ def cmd_collect(a) -> None:
 def cmd_figure(a) -> None:
     import polars as pl
 
-    from equipipe.collect import load_runs, read_metrics
+    from equipipe.collect import load_runs
     from equipipe.figures import make_figure
+    from equipipe.metrics import read_metrics
 
     spec = _json(a.spec)
     dirs = [Path(r) for r in a.runs or []]

@@ -440,7 +440,8 @@ def efficiency_table(metrics: pl.DataFrame, runs: dict[str, dict], spec: dict) -
 def write_efficiency_table(run_dirs, out: Path, spec: dict) -> pl.DataFrame:
     """Read finished run directories, write :func:`efficiency_table` to ``out`` (.parquet; a .csv
     beside it for the report) and return it."""
-    from equipipe.collect import load_runs, read_metrics
+    from equipipe.collect import load_runs
+    from equipipe.metrics import read_metrics
 
     dirs = [Path(d) for d in run_dirs]
     runs = load_runs(dirs)

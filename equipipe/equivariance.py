@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal, overload
 
 import torch
 from torch import Tensor, nn
@@ -99,8 +100,9 @@ class Decomposition:
         if (self.k, self.exhaustive) != (other.k, other.exhaustive):
             raise ValueError("cannot add decompositions with different K or exhaustiveness")
         moments = {
-            key: tuple(a + b for a, b in zip(self.moments[key], other.moments[key]))
+            key: (a[0] + b[0], a[1] + b[1], a[2] + b[2])
             for key in self.moments
+            for a, b in [(self.moments[key], other.moments[key])]
         }
         return Decomposition(
             self.total + other.total,
@@ -205,6 +207,26 @@ def no_grad(model: nn.Module):
     )
 
 
+@overload
+def canonical_predictions(
+    model: nn.Module,
+    task: Task,
+    batch: Batch,
+    R: Tensor,
+    device_strategy: str = ...,
+    plain: Literal[False] = ...,
+    probed: list[str] | None = ...,
+) -> dict[str, Tensor]: ...
+@overload
+def canonical_predictions(
+    model: nn.Module,
+    task: Task,
+    batch: Batch,
+    R: Tensor,
+    device_strategy: str,
+    plain: Literal[True],
+    probed: list[str] | None = ...,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]: ...
 def canonical_predictions(
     model: nn.Module,
     task: Task,
@@ -216,8 +238,8 @@ def canonical_predictions(
 ) -> dict[str, Tensor] | tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Canonicalised predictions of every field for rotations R (K, B, 3, 3).
 
-    A task may share work across the K rotations where the maths allows: when it has
-    ``shared_rotated_predictions(model, batch, R, plain)`` and that returns a result (e.g. the force
+    A task may share work across the K rotations where the maths allows: when its
+    ``shared_rotated_predictions(model, batch, R, plain)`` returns a result (e.g. the force
     field with a model whose trunk is rotation invariant: one trunk pass, K cheap heads), that
     is used instead of K forwards (``device_strategy`` then does not apply).
 
@@ -234,14 +256,17 @@ def canonical_predictions(
     k = R.shape[0]
     device = next(iter(batch.values())).device
     R = R.to(device)
-    shared = getattr(task, "shared_rotated_predictions", None)
     per_copy = tuple(getattr(model, "per_copy_modules", ()))
-    if probed and not all(any(n == p or n.startswith(p + ".") for p in per_copy) for n in probed):
-        shared = None
-    out = shared(model, batch, R, plain) if shared is not None else None
+    shareable = not probed or all(
+        any(n == p or n.startswith(p + ".") for p in per_copy) for n in probed
+    )
+    out = task.shared_rotated_predictions(model, batch, R, plain) if shareable else None
     if out is not None:
-        z, pred = out
-        return (z, pred) if plain else z
+        z, shared_pred = out
+        if not plain:
+            return z
+        assert shared_pred is not None, "shared_rotated_predictions(plain=True) gives it"
+        return z, shared_pred
     if _resolve_strategy(device_strategy, batch) == "batched":
         big = task.repeat(batch, k)
         Rb = R.reshape(-1, 3, 3)
@@ -284,13 +309,10 @@ def decompose(
     Returns:
         field -> Decomposition (sums over that field's elements, in the task's units).
     """
-    B = task.num_examples(batch)
-    R = example_rotations(B, k, generator, rotations)
-    probed = record.get("layers") if record is not None else None
-    with no_grad(model):
-        z = canonical_predictions(model, task, batch, R, device_strategy, probed=probed)
-        y = task.target(batch)
-    return _decompositions(task, batch, z, y, R, rotations is not None, record)
+    view = evaluate_view(
+        model, task, batch, k, generator, device_strategy, rotations, record, plain=False
+    )
+    return view.decompositions
 
 
 def _decompositions(task, batch, z, y, R, exhaustive, record) -> dict[str, Decomposition]:
@@ -351,9 +373,12 @@ def evaluate_view(
     B = task.num_examples(batch)
     R = example_rotations(B, k, generator, rotations)
     probed = record.get("layers") if record is not None else None
+    pred: dict[str, Tensor] | None = None
     with torch.enable_grad() if gradients else no_grad(model):
-        out = canonical_predictions(model, task, batch, R, device_strategy, plain, probed)
-    z, pred = out if plain else (out, None)
+        if plain:
+            z, pred = canonical_predictions(model, task, batch, R, device_strategy, True, probed)
+        else:
+            z = canonical_predictions(model, task, batch, R, device_strategy, False, probed)
     with no_grad(model):
         y = task.target(batch)
     zd = {f: v.detach() for f, v in z.items()}

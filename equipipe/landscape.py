@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from equipipe.equivariance import canonical_predictions, decomposition_terms, example_rotations
-from equipipe.tasks.base import Batch
+from equipipe.tasks.base import Batch, Task
 
 LOSSES: tuple[str, ...] = ("total", "mean", "equiv")
 # Blocks tried in order when none is named: the direct force head, the flow-matching decoder.
@@ -267,7 +267,7 @@ def _close(a, b) -> bool:
 
 
 def make_views(
-    task,
+    task: Task,
     batches: Iterable[Batch],
     k: int,
     generator: torch.Generator,
@@ -277,21 +277,15 @@ def make_views(
 ) -> list[View]:
     """Evaluation views with every random choice fixed, drawn in the training evaluation's order.
 
-    Per batch: ``task.eval_views(batch, generator)`` (if the task has it), then per view K
+    Per batch: ``task.eval_views(batch, generator)``, then per view K
     rotations per example from the same generator (as ``decompose`` draws them), or a finite
     set applied exhaustively (``rotations`` (G, 3, 3), or the task's ``rotation_set(labels)``).
     ``labels`` keeps only views whose labels match (e.g. {"t": [0.2, 0.9]}).
     """
     out = []
-    rotation_set = getattr(task, "rotation_set", None)
     for batch in batches:
-        views = task.eval_views(batch, generator) if hasattr(task, "eval_views") else [({}, batch)]
-        for lab, view in list(views):
-            group = (
-                rotations
-                if rotations is not None
-                else (rotation_set(lab) if rotation_set else None)
-            )
+        for lab, view in task.eval_views(batch, generator):
+            group = rotations if rotations is not None else task.rotation_set(lab)
             R = example_rotations(task.num_examples(view), k, generator, group, dtype=dtype)
             if _label_match(lab, labels):
                 out.append(
@@ -312,7 +306,7 @@ class BlockObjective:
     def __init__(
         self,
         model: nn.Module,
-        task,
+        task: Task,
         views: list[View],
         param: str | None = None,
         field: str | None = None,

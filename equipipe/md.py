@@ -298,7 +298,7 @@ def held_out_molecules(
 ) -> list[dict[str, np.ndarray]]:
     """First conformer of each of the first ``n`` distinct molecules of ``split`` (rank order),
     among those with at most ``max_atoms`` atoms when given."""
-    from equipipe.store import Store  # noqa: PLC0415
+    from equipipe.store import Store
 
     store = Store(info["data"]["store"])
     held = pl.read_parquet(info["data"]["split"]).filter(pl.col("split") == split).sort("rank")

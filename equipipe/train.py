@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import polars as pl
 import torch
@@ -33,10 +33,10 @@ from torch import nn
 
 from equipipe import distributed as ddp
 from equipipe.checkpoint import atomic_save, rng_state, set_rng_state
-from equipipe.collect import METRICS_SCHEMA as METRIC_SCHEMA
-from equipipe.collect import METRICS_SCHEMA_VERSION
 from equipipe.equivariance import Decomposition, evaluate_view, head_deviation, no_grad
 from equipipe.loader import RunData, step_generator
+from equipipe.metrics import METRICS_SCHEMA as METRIC_SCHEMA
+from equipipe.metrics import METRICS_SCHEMA_VERSION
 from equipipe.so3 import haar_rotations
 from equipipe.spectrum_probe import SpectrumProbe, probe_layers, spectrum_due
 from equipipe.tasks import make_task
@@ -257,7 +257,10 @@ class Trainer:
         self.wall_offset = 0.0
         self._stop_signal: int | None = None
         wrapped = ddp.wrap(self.model)
-        self.forward_model = torch.compile(wrapped) if self.tcfg.compile else wrapped
+        # torch.compile returns an OptimizedModule (an nn.Module) typed as a plain callable
+        self.forward_model: nn.Module = (
+            cast(nn.Module, torch.compile(wrapped)) if self.tcfg.compile else wrapped
+        )
         self.timer.add("setup", time.perf_counter() - t_init)  # data, normalisation, model
 
     # --- checkpointing --------------------------------------------------------------
@@ -375,8 +378,7 @@ class Trainer:
             seen: dict[float | None, dict[str, tuple[float, str]]] = {}
             for labels, view in self.task.eval_views(batch, gen):
                 split, t = self._split_and_t(labels)
-                rotation_set = getattr(self.task, "rotation_set", None)
-                rotations = rotation_set(labels) if rotation_set else None
+                rotations = self.task.rotation_set(labels)
                 grads = bi < self.ecfg.grad_norm_batches and rotations is None
                 # the plain forward rides along unless hooks are recording hidden layers
                 plain = t not in seen and not (spec and spec.layers)
@@ -421,13 +423,13 @@ class Trainer:
             for (split, t, name), vals in table.items():
                 n = sum(b for _, b, _ in vals)
                 self._row(split, name, sum(v * b for v, b, _ in vals) / n, None, t, n, vals[0][2])
-        for (split, t, name), vals in grad_rows.items():
-            self._row(split, name, sum(vals) / len(vals), self.task.primary_field, t)
+        for (split, t, name), ratios in grad_rows.items():
+            self._row(split, name, sum(ratios) / len(ratios), self.task.primary_field, t)
         head = getattr(getattr(model, "force_head", None), "linear", None)
         if head is not None:
             self._row("val", "head_deviation", head_deviation(head.weight))
         timer.add("eval_logging", time.perf_counter() - t_log)
-        if self.step == 0 and hasattr(self.task, "interpolation_floor"):
+        if self.step == 0:
             with timer("eval_floor"):
                 self.log_interpolation_floor()
         model.train(was_training)
@@ -453,8 +455,8 @@ class Trainer:
         floors: dict[tuple[str, float | None, str], Decomposition] = {}
         for batch in self.val:
             for labels, view in self.task.eval_views(batch, gen):
-                if labels.get("mode") != "haar":
-                    continue
+                if self.task.rotation_set(labels) is not None:
+                    continue  # exhaustive over a finite group: nothing resampled
                 split, t = self._split_and_t(labels)
                 for f, d in self.task.interpolation_floor(view, gen, self.ecfg.k).items():
                     key = (split, t, f)
@@ -495,7 +497,7 @@ class Trainer:
             weight = ddp.local_weight(len(local), len(examples), self.world)
             if len(local) == 0:  # batch smaller than the world: join the all-reduce at weight 0
                 local, weight = examples[:1], 0.0
-            batch = to_device(self.task.collate(local), self.device)
+            batch = to_device(self.task.collate(list(local)), self.device)
             if cfg.augment_prob > 0:
                 batch = augment_rotations(self.task, batch, cfg.augment_prob, gen)
             batch = self.task.augment(batch, gen)
@@ -569,7 +571,7 @@ class Trainer:
             self.save_checkpoint()
             print(f"[train] signal {self._stop_signal}: checkpoint at step {self.step} in {self.work}; "
                   "rerun (snakemake --rerun-incomplete) to continue", file=sys.stderr)  # fmt: skip
-            raise SystemExit(128 + int(self._stop_signal)) from None
+            raise SystemExit(128 + int(self._stop_signal or 0)) from None
         finally:
             for s, h in old.items():
                 signal.signal(s, h)

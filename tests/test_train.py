@@ -194,7 +194,8 @@ def test_adam_eps_zero_leaves_zero_gradient_elements_finite(optimizer):
 
 def test_spectrum_rows_at_their_cadence_through_the_cli(tiny_store, tmp_path):
     """eval.spectrum_every: per-ℓ rows of outputs and probed layers, collected with ell/layer."""
-    from equipipe.collect import METRICS_SCHEMA_VERSION, read_metrics, read_run
+    from equipipe.collect import read_run
+    from equipipe.metrics import METRICS_SCHEMA_VERSION, read_metrics
 
     s = spec(steps=4)
     s["task_cfg"] = {"model": "equivariant", "model_overrides": {"mul": 4, "radial_hidden": 8}}
