@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from equipipe import __version__
+
 DATASETS = ("spice", "pdb", "geom")
 
 
@@ -210,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Subcommands are called by the Snakemake rules (workflow/Snakefile); run the whole study "
         "with `snakemake --cores N` (see README.md and config/README.md).",
     )
+    p.add_argument("--version", action="version", version=f"equipipe {__version__}")
     p.add_argument(
         "--debug",
         action="store_true",

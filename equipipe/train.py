@@ -31,6 +31,7 @@ import polars as pl
 import torch
 from torch import nn
 
+from equipipe import __version__
 from equipipe import distributed as ddp
 from equipipe.checkpoint import atomic_save, rng_state, set_rng_state
 from equipipe.equivariance import Decomposition, evaluate_view, head_deviation, no_grad
@@ -645,6 +646,7 @@ def run_info(tr: Trainer) -> dict[str, Any]:
     import numpy
 
     versions = {
+        "equipipe": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": numpy.__version__,
