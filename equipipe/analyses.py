@@ -41,11 +41,12 @@ from typing import Any
 import numpy as np
 import polars as pl
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from equipipe import landscape as ls
-from equipipe.config import defaults
+from equipipe.config import defaults, with_defaults
 from equipipe.equivariance import (
+    broadcast_mask,
     canonical_predictions,
     decomposition_from_predictions,
     example_rotations,
@@ -57,17 +58,6 @@ from equipipe.tasks.base import Batch, Task
 LANDSCAPE_DEFAULTS: dict[str, Any] = defaults("analysis", "landscape")  # the schema's
 
 TWIRLING_DEFAULTS: dict[str, Any] = defaults("analysis", "twirling")  # the schema's
-
-
-def _resolve(spec: dict | None, defaults: dict[str, Any], what: str) -> dict[str, Any]:
-    spec = dict(spec or {})
-    spec.pop("kind", None)
-    unknown = sorted(set(spec) - set(defaults))
-    if unknown:
-        raise ValueError(
-            f"{what} spec key {unknown[0]!r} is unknown; allowed: {', '.join(sorted(defaults))}"
-        )
-    return {**defaults, **spec}
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -117,7 +107,7 @@ def landscape_from_model(
     Returns ``landscape.run_landscape``'s dict with "kappa" rows completed with the block and
     evaluation facts, and "meta".
     """
-    spec = _resolve(spec, LANDSCAPE_DEFAULTS, "landscape")
+    spec = with_defaults(spec, LANDSCAPE_DEFAULTS, "landscape")
     seed = spec["seed"] if spec["seed"] is not None else 0
     gen = generator if generator is not None else torch.Generator().manual_seed(seed)
     gen_state = gen.get_state()
@@ -275,7 +265,7 @@ def _logged_values(run_dir: Path, step: int | None, field: str) -> dict[str, flo
 def landscape(run_dir: str | Path, out_dir: str | Path, spec: dict | None = None) -> dict[str, Any]:
     """Landscape analysis of one run's checkpoint (default ``early.pt``); writes ``out_dir``."""
     t0 = time.perf_counter()
-    spec = _resolve(spec, LANDSCAPE_DEFAULTS, "landscape")
+    spec = with_defaults(spec, LANDSCAPE_DEFAULTS, "landscape")
     run, batches = _load(Path(run_dir), spec)
     eval_cfg = run.info.get("eval_config", {})
     if spec["k"] is None:
@@ -306,13 +296,9 @@ def _label_key(labels: dict) -> tuple:
     return tuple(sorted((str(k), v) for k, v in labels.items()))
 
 
-def _masked_sum(sq, mask) -> float:
-    if mask is None:
-        return float(sq.sum())
-    m = mask.to(torch.bool)
-    while m.dim() < sq.dim():
-        m = m.unsqueeze(-1)
-    return float((sq * m.expand_as(sq).to(sq.dtype)).sum())
+def _masked_sum(sq: Tensor, mask: Tensor | None) -> float:
+    m = broadcast_mask(mask, sq)
+    return float(sq.sum() if m is None else (sq * m.to(sq.dtype)).sum())
 
 
 def _has_direct_head(model: nn.Module) -> bool:
@@ -336,7 +322,7 @@ def twirling_from_model(
     Views carrying a finite rotation set (``task.rotation_set``) are skipped. ``generator``
     fixes the views (flow time, noise); default seeded with ``spec["seed"]``.
     """
-    spec = _resolve(spec, TWIRLING_DEFAULTS, "twirling")
+    spec = with_defaults(spec, TWIRLING_DEFAULTS, "twirling")
     ks = sorted({int(k) for k in spec["ks"]})
     if not ks or ks[0] < 1:
         raise ValueError(f"twirling ks must be positive integers, got {spec['ks']}")
@@ -458,7 +444,7 @@ def _se(x: np.ndarray) -> float:
 def twirling(run_dir: str | Path, out_dir: str | Path, spec: dict | None = None) -> pl.DataFrame:
     """Twirling analysis of one run's checkpoint (default ``model.pt``); writes ``out_dir``."""
     t0 = time.perf_counter()
-    spec = _resolve(spec, TWIRLING_DEFAULTS, "twirling")
+    spec = with_defaults(spec, TWIRLING_DEFAULTS, "twirling")
     run, batches = _load(Path(run_dir), spec)
     table = twirling_from_model(run.model, run.task, batches, spec, run.eval_generator())
     out_dir = Path(out_dir)

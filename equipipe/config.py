@@ -68,10 +68,15 @@ BLOCK_KINDS = (
 )
 
 
+def read_yaml(path: Path) -> Any:
+    """A YAML file with the safe loader (libyaml's when installed: planning stays fast)."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load(Path(path).read_text(), Loader=loader)
+
+
 @functools.cache
 def _schema() -> dict:
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: planning stays fast
-    return yaml.load(SCHEMA.read_text(), Loader=loader)
+    return read_yaml(SCHEMA)
 
 
 def schema() -> dict:
@@ -132,6 +137,19 @@ def defaults(kind: str, name: str) -> dict[str, Any]:
     """
     props = block_schema(kind, name).get("properties", {})
     return {k: copy.deepcopy(v["default"]) for k, v in props.items() if "default" in v}
+
+
+def with_defaults(spec: dict | None, base: dict[str, Any], what: str) -> dict[str, Any]:
+    """An analysis spec over its defaults ``base`` (``kind`` dropped); an unknown key is a
+    ValueError naming ``what`` and the allowed keys."""
+    spec = dict(spec or {})
+    spec.pop("kind", None)
+    unknown = sorted(set(spec) - set(base))
+    if unknown:
+        raise ValueError(
+            f"{what} spec key {unknown[0]!r} is unknown; allowed: {', '.join(sorted(base))}"
+        )
+    return {**base, **spec}
 
 
 def allowed_keys(kind: str, name: str) -> list[str]:
@@ -561,8 +579,7 @@ def metric_splits(cfg: dict, experiment: str) -> set[str]:
 
 def load_config(path: Path) -> dict:
     """Read, validate (with defaults) and cross-check a config file."""
-    cfg = yaml.safe_load(Path(path).read_text())
-    return check_config(validate_schema(cfg))
+    return check_config(validate_schema(read_yaml(path)))
 
 
 # --- slices for jobs (pure functions of the config) -----------------------------------

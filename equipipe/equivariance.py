@@ -116,7 +116,9 @@ class Decomposition:
         )
 
 
-def _broadcast_mask(mask: Tensor | None, y: Tensor) -> Tensor | None:
+def broadcast_mask(mask: Tensor | None, y: Tensor) -> Tensor | None:
+    """An element mask broadcast from the left to y's shape: (B, L) for a (B, L, 3) target
+    gives (B, L, 3) bool; None stays None (every element counts)."""
     if mask is None:
         return None
     mask = mask.to(torch.bool)
@@ -145,7 +147,7 @@ def decomposition_terms(
     total_el = (y.unsqueeze(0) - z).pow(2).mean(0)
     mean_el = (y - zbar).pow(2)
     equiv_el = (z - zbar.unsqueeze(0)).pow(2).mean(0)
-    m = _broadcast_mask(mask, y)
+    m = broadcast_mask(mask, y)
     if m is None:
         return total_el.sum(), mean_el.sum(), equiv_el.sum(), y.numel()
     w = m.to(z.dtype)

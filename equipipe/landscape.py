@@ -42,7 +42,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from equipipe.equivariance import canonical_predictions, decomposition_terms, example_rotations
+from equipipe.equivariance import (
+    broadcast_mask,
+    canonical_predictions,
+    decomposition_terms,
+    example_rotations,
+)
 from equipipe.tasks.base import Batch, Task
 
 LOSSES: tuple[str, ...] = ("total", "mean", "equiv")
@@ -344,7 +349,7 @@ class BlockObjective:
             total = 0
             for v in self.views:
                 y = self.task.target(v.batch)[self.field]
-                mask = _element_weight(self._mask(v), y)
+                mask = broadcast_mask(self._mask(v), y)
                 total += y.numel() if mask is None else int(mask.sum())
             self._n_elements = total
         return self._n_elements
@@ -461,7 +466,7 @@ class BlockObjective:
                 if affine_error > self.affine_tolerance:
                     return None
             y = self.task.target(v.batch)[self.field].detach()
-            w = _element_weight(self._mask(v), y)
+            w = broadcast_mask(self._mask(v), y)
             k = z0.shape[0]
             z0f = z0.reshape(k, -1).double()
             Af = A.reshape(P, k, -1).double()
@@ -558,17 +563,8 @@ class BlockObjective:
         }
 
 
-def _element_weight(mask: Tensor | None, y: Tensor) -> Tensor | None:
-    if mask is None:
-        return None
-    m = mask.to(torch.bool)
-    while m.dim() < y.dim():
-        m = m.unsqueeze(-1)
-    return m.expand_as(y)
-
-
 def _count(y: Tensor, mask: Tensor | None) -> int:
-    w = _element_weight(mask, y)
+    w = broadcast_mask(mask, y)
     return y.numel() if w is None else int(w.sum())
 
 

@@ -38,6 +38,7 @@ from equipipe.equivariance import Decomposition, evaluate_view, head_deviation, 
 from equipipe.loader import RunData, step_generator
 from equipipe.metrics import METRICS_SCHEMA as METRIC_SCHEMA
 from equipipe.metrics import METRICS_SCHEMA_VERSION
+from equipipe.models.registry import param_count
 from equipipe.so3 import haar_rotations
 from equipipe.spectrum_probe import SpectrumProbe, probe_layers, spectrum_due
 from equipipe.tasks import make_task
@@ -148,16 +149,9 @@ def _adam_eps(eps: float) -> float:
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(
-            params,
-            lr=cfg.lr,
-            betas=cfg.betas,
-            eps=_adam_eps(cfg.eps),
-            weight_decay=cfg.weight_decay,
-        )
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(
+    adam = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}.get(cfg.optimizer)
+    if adam is not None:
+        return adam(
             params,
             lr=cfg.lr,
             betas=cfg.betas,
@@ -244,7 +238,7 @@ class Trainer:
         )  # fmt: skip
         self.task_state = self.task.fit(self.data.train_sample(20000))
         self.model = self.task.build_model(spec["size"]).to(self.device)
-        self.params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.params = param_count(self.model)
         self.opt = make_optimizer(self.model.parameters(), self.tcfg)
         self.ema = EMA(self.model, self.tcfg.ema, self.tcfg.ema_warmup) if self.tcfg.ema else None
         self.val = [
@@ -464,24 +458,9 @@ class Trainer:
                     floors[key] = floors[key] + d if key in floors else d
         for (split, t, f), d in floors.items():
             self._row(split, "floor_pct", d.pct, f, t, d.n_elements, "fraction")
-            self._row(
-                split,
-                "floor_equiv",
-                d.per_element()["equiv_unbiased"],
-                f,
-                t,
-                d.n_elements,
-                self.task.units.get(f),
-            )
-            self._row(
-                split,
-                "floor_total",
-                d.per_element()["total"],
-                f,
-                t,
-                d.n_elements,
-                self.task.units.get(f),
-            )
+            per_element, unit = d.per_element(), self.task.units.get(f)
+            for metric, term in (("floor_equiv", "equiv_unbiased"), ("floor_total", "total")):
+                self._row(split, metric, per_element[term], f, t, d.n_elements, unit)
 
     # --- training -------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from equipipe.equivariance import decompose, decomposition_from_predictions
 from equipipe.so3 import haar_rotations
-from equipipe.tasks.base import ExactActionDefaults
+from equipipe.tasks.base import EvaluationDefaults
 
 # ----------------------------------------------------------------------------- your code
 
@@ -53,7 +53,7 @@ class PointNet(nn.Module):
 # ----------------------------------------------------------------------------- the adapter
 
 
-class PointCloudAdapter(ExactActionDefaults):
+class PointCloudAdapter(EvaluationDefaults):
     """What ``equipipe.equivariance`` needs: the group action on inputs and outputs (the
     defaults say: K Haar rotations per example, one forward pass each).
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from equipipe.so3 import inverse, rotate_vectors
-from equipipe.tasks.base import ExactActionDefaults, repeat_padded
+from equipipe.tasks.base import EvaluationDefaults, repeat_padded
 
 
 class PairModel(nn.Module):
@@ -31,7 +31,7 @@ class PairModel(nn.Module):
         return {"v": out, "s": (r.squeeze(-1) ** 2).mean((1, 2))}
 
 
-class ToyTask(ExactActionDefaults):
+class ToyTask(EvaluationDefaults):
     name = "toy"
     fields = ("v", "s")
     units = {"v": "a.u.^2", "s": "a.u.^2"}

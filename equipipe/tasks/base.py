@@ -126,11 +126,12 @@ class Task(Protocol):
         """Task-specific extra augmentation (e.g. the voxel task's <=0.5 A shift); may be identity."""
 
 
-class ExactActionDefaults:
-    """The protocol's evaluation members for a task whose group action is exact (vectors and
-    scalars, nothing resampled): K Haar rotations per example in every view, K forward passes,
-    no interpolation floor. A task (or a user's adapter, ``examples/custom_loop.py``) inherits
-    these and overrides what it does differently (the force field shares one trunk pass)."""
+class EvaluationDefaults:
+    """The protocol's evaluation members for a task with nothing special to say: K Haar
+    rotations per example in every view, K forward passes, no interpolation floor (the group
+    action is exact). A task (or a user's adapter, ``examples/custom_loop.py``) inherits these
+    and overrides what it does differently (the force field shares one trunk pass; the voxel
+    task has a finite group and a floor)."""
 
     def shared_rotated_predictions(
         self, model: nn.Module, batch: Batch, R: Tensor, plain: bool = True

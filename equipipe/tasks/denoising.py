@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from equipipe.config import defaults
 from equipipe.so3 import haar_rotations, octahedral_rotations, rotate_grid, rotate_per_example
-from equipipe.tasks.base import Batch, repeat_ragged
+from equipipe.tasks.base import Batch, EvaluationDefaults, repeat_ragged
 from equipipe.voxel import (
     ATOMIC_NUMBERS,
     FORMS,
@@ -74,7 +74,7 @@ N_CHANNELS = len(ATOMIC_NUMBERS)
 _PER_EXAMPLE = ("n_atoms", "noise_seed", "noise_rot", "noise_fixed", "ball_mask")
 
 
-class DenoisingTask:
+class DenoisingTask(EvaluationDefaults):  # shared_rotated_predictions: None
     name = "denoising"
     fields = ("density",)
     units = {"density": "density^2"}
@@ -179,13 +179,6 @@ class DenoisingTask:
 
     def num_examples(self, batch: Batch) -> int:
         return int(batch["n_atoms"].shape[0])
-
-    def shared_rotated_predictions(
-        self, model: nn.Module, batch: Batch, R: Tensor, plain: bool = True
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None] | None:
-        """None: every rotated copy is its own forward pass (the U-Net sees the grid)."""
-        del model, batch, R, plain
-        return None
 
     def rotation_set(self, labels: dict) -> Tensor | None:
         """The finite group a view is evaluated over exhaustively, or None for Haar draws."""

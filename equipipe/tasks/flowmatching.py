@@ -36,14 +36,14 @@ from torch import Tensor, nn
 from equipipe.config import defaults
 from equipipe.models.registry import build_model
 from equipipe.so3 import inverse, rotate_vectors
-from equipipe.tasks.base import Batch, ExactActionDefaults, repeat_padded
+from equipipe.tasks.base import Batch, EvaluationDefaults, repeat_padded
 
 DEFAULTS: dict[str, Any] = defaults("task_cfg", "flowmatching")  # the schema's
 
 _VECTORS = ("x1", "x0", "x_sc")
 
 
-class FlowMatchingTask(ExactActionDefaults):
+class FlowMatchingTask(EvaluationDefaults):
     name = "flowmatching"
     fields = ("x1",)
     units = {"x1": "nm^2"}

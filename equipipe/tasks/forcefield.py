@@ -32,13 +32,13 @@ from torch import Tensor, nn
 from equipipe.config import defaults
 from equipipe.models.registry import build_model, task_statistics
 from equipipe.so3 import inverse, rotate_per_example
-from equipipe.tasks.base import Batch, ExactActionDefaults, repeat_ragged
+from equipipe.tasks.base import Batch, EvaluationDefaults, repeat_ragged
 
 DEFAULTS: dict[str, Any] = defaults("task_cfg", "forcefield")  # the schema's
 ENERGY_REFERENCES = ("linear", "none")
 
 
-class ForceFieldTask(ExactActionDefaults):
+class ForceFieldTask(EvaluationDefaults):
     name = "forcefield"
     fields = ("forces", "energy")
     units = {"forces": "(eV/A)^2", "energy": "eV^2"}
