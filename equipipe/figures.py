@@ -427,7 +427,7 @@ def _fmt_step(step: float) -> str:
     return f"{int(round(step)):,}"
 
 
-def _epoch_markers(ax, ctx: FigureContext, exps: list[str], *, logx: bool):
+def _epoch_markers(ax, ctx: FigureContext, exps: list[str]):
     if not ctx.opt("epoch_marker", False):
         return
     seen: dict[float, int] = {}
@@ -607,7 +607,7 @@ def _pct_figure(
     ax.set_yscale("log" if logy else "linear")
     exps = _plot_pct(ctx, ax, group=group, mark_dip=mark_dip, logx=logx, logy=logy)
     _apply_axes(ax, ctx, xscale=xscale, yscale=yscale, xlabel=STEP_LABEL, ylabel=PCT_LABEL)
-    _epoch_markers(ax, ctx, exps, logx=logx)
+    _epoch_markers(ax, ctx, exps)
     _annotate(ax, ctx, ctx.steps_per_epoch(exps[0]) if exps else None)
     _legend(ax, ctx)
     field_name = ctx.primary_field(exps[0]) if exps else None
