@@ -497,13 +497,7 @@ def _check_analyses(cfg: dict) -> None:
                     f"analyses.{name}.experiments: an efficiency analysis compares two "
                     "experiments (baseline, equivariant); list both"
                 )
-            spec = {**defaults("analysis", kind), **(a.get("spec") or {})}
-            for key in ("baseline", "equivariant"):
-                if spec[key] is not None and spec[key] not in exps:
-                    raise ConfigError(
-                        f"{where}.{key}: {spec[key]!r} is not one of analyses.{name}.experiments; "
-                        f"allowed: {', '.join(exps)}"
-                    )
+            spec = _spec_naming_experiments(a, kind, ("baseline", "equivariant"), where, name)
             have = sorted(set().union(*(metric_splits(cfg, e) for e in exps)))
             if spec["split"] not in have:
                 raise ConfigError(
@@ -517,19 +511,29 @@ def _check_analyses(cfg: dict) -> None:
                     f"analyses.{name}.experiments: an md analysis reads the runs of the model "
                     "under test (and of an e3nn floor); list them"
                 )
-            spec = {**defaults("analysis", kind), **(a.get("spec") or {})}
-            for key in ("model", "equivariant"):
-                if spec[key] is not None and spec[key] not in exps:
-                    raise ConfigError(
-                        f"{where}.{key}: {spec[key]!r} is not one of analyses.{name}.experiments; "
-                        f"allowed: {', '.join(exps)}"
-                    )
+            spec = _spec_naming_experiments(a, kind, ("model", "equivariant"), where, name)
             ds = dataset_of_experiment(cfg, spec["model"] or exps[0])
             have = split_names(cfg, ds)
             if spec["split"] not in have:
                 raise ConfigError(
                     f"{where}.split: {spec['split']!r} is not a split of dataset {ds!r}; allowed: {', '.join(have)}"
                 )
+
+
+def _spec_naming_experiments(
+    a: dict, kind: str, keys: tuple[str, ...], where: str, name: str
+) -> dict[str, Any]:
+    """An analysis spec over its defaults whose ``keys`` (when set) name experiments of the
+    analysis's ``experiments`` list; ConfigError naming the allowed ones otherwise."""
+    exps = list(a.get("experiments") or [])
+    spec = {**defaults("analysis", kind), **(a.get("spec") or {})}
+    for key in keys:
+        if spec[key] is not None and spec[key] not in exps:
+            raise ConfigError(
+                f"{where}.{key}: {spec[key]!r} is not one of analyses.{name}.experiments; "
+                f"allowed: {', '.join(exps)}"
+            )
+    return spec
 
 
 def _check_figures(cfg: dict) -> None:
