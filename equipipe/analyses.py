@@ -52,6 +52,7 @@ from equipipe.equivariance import (
     example_rotations,
 )
 from equipipe.forcehead import HEAD_PARAM, head_equiv_error, with_twirled_head
+from equipipe.models import interface
 from equipipe.so3 import octahedral_rotations
 from equipipe.tasks.base import Batch, Task
 
@@ -201,7 +202,11 @@ def landscape_from_model(
 
 def _closed_form_equiv(obj: ls.BlockObjective, views: list[ls.View]) -> float | None:
     """The direct head's exact per-element L_equiv over ``views`` (no mask), or None."""
-    if obj.param_name != HEAD_PARAM or obj.field != "forces" or not _has_direct_head(obj.model):
+    if (
+        obj.param_name != HEAD_PARAM
+        or obj.field != "forces"
+        or not interface.direct_force_head(obj.model) is not None
+    ):
         return None
     total, n = 0.0, 0
     for v in views:
@@ -301,10 +306,6 @@ def _masked_sum(sq: Tensor, mask: Tensor | None) -> float:
     return float(sq.sum() if m is None else (sq * m.to(sq.dtype)).sum())
 
 
-def _has_direct_head(model: nn.Module) -> bool:
-    return hasattr(model, "force_head_features") and HEAD_PARAM in dict(model.named_parameters())
-
-
 def twirling_from_model(
     model: nn.Module,
     task: Task,
@@ -335,7 +336,7 @@ def twirling_from_model(
     gen = generator if generator is not None else torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
-    exact = bool(spec["exact"]) and _has_direct_head(model)
+    exact = bool(spec["exact"]) and interface.direct_force_head(model) is not None
     dtype = next(model.parameters()).dtype
     twin = with_twirled_head(model).eval() if exact else None  # the exact K -> infinity twirl
 

@@ -41,6 +41,7 @@ import torch
 from ase.calculators.calculator import Calculator, all_changes
 from torch import nn
 
+from equipipe.models import interface
 from equipipe.so3 import haar_rotations
 
 TWIRLS = (None, "exact", "fixed", "redraw")
@@ -106,9 +107,7 @@ class EquipipeCalculator(Calculator):
         if twirl == "exact":
             from equipipe.forcehead import HEAD_PARAM, with_twirled_head
 
-            if not hasattr(model, "force_head_features") or HEAD_PARAM not in dict(
-                model.named_parameters()
-            ):
+            if interface.direct_force_head(model) is None:
                 raise ValueError(
                     f"twirl='exact' needs escaip's direct force head ({HEAD_PARAM}); "
                     f"{type(model).__name__} has none: use twirl='fixed' or 'redraw'"

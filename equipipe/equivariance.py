@@ -24,6 +24,7 @@ from typing import Literal, overload
 import torch
 from torch import Tensor, nn
 
+from equipipe.models import interface
 from equipipe.so3 import haar_rotations
 from equipipe.tasks.base import Batch, Task
 
@@ -204,9 +205,7 @@ def no_grad(model: nn.Module):
     """The context for gradient-free forwards: ``torch.inference_mode`` (no autograd
     bookkeeping at all), or ``torch.no_grad`` for a model that differentiates inside its own
     forward (``autograd_in_forward``, e.g. gradient forces)."""
-    return (
-        torch.no_grad() if getattr(model, "autograd_in_forward", False) else torch.inference_mode()
-    )
+    return torch.no_grad() if interface.autograd_in_forward(model) else torch.inference_mode()
 
 
 @overload
@@ -258,7 +257,7 @@ def canonical_predictions(
     k = R.shape[0]
     device = next(iter(batch.values())).device
     R = R.to(device)
-    per_copy = tuple(getattr(model, "per_copy_modules", ()))
+    per_copy = interface.per_copy_modules(model)
     shareable = not probed or all(
         any(n == p or n.startswith(p + ".") for p in per_copy) for n in probed
     )

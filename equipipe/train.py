@@ -38,6 +38,7 @@ from equipipe.equivariance import Decomposition, evaluate_view, head_deviation, 
 from equipipe.loader import RunData, step_generator
 from equipipe.metrics import METRICS_SCHEMA as METRIC_SCHEMA
 from equipipe.metrics import METRICS_SCHEMA_VERSION
+from equipipe.models import interface
 from equipipe.models.registry import param_count
 from equipipe.so3 import haar_rotations
 from equipipe.spectrum_probe import SpectrumProbe, probe_layers, spectrum_due
@@ -420,7 +421,7 @@ class Trainer:
                 self._row(split, name, sum(v * b for v, b, _ in vals) / n, None, t, n, vals[0][2])
         for (split, t, name), ratios in grad_rows.items():
             self._row(split, name, sum(ratios) / len(ratios), self.task.primary_field, t)
-        head = getattr(getattr(model, "force_head", None), "linear", None)
+        head = interface.direct_force_head(model)
         if head is not None:
             self._row("val", "head_deviation", head_deviation(head.weight))
         timer.add("eval_logging", time.perf_counter() - t_log)

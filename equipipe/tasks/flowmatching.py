@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from equipipe.config import defaults
+from equipipe.models import interface
 from equipipe.models.registry import build_model
 from equipipe.so3 import inverse, rotate_vectors
 from equipipe.tasks.base import Batch, EvaluationDefaults, repeat_padded
@@ -129,7 +130,7 @@ class FlowMatchingTask(EvaluationDefaults):
         g_k^-1 f(g_k x), and (``plain``) ``predict(model, batch)``. None otherwise.
         R: (K, B, 3, 3). Rotation commutes with the interpolation: R x_t = (1-t) R x0 + t R x1.
         """
-        forward_rotated = getattr(model, "forward_rotated", None)
+        forward_rotated = interface.forward_rotated(model)
         pair_updates = int(getattr(getattr(model, "cfg", None), "tri_every", 0) or 0)
         if forward_rotated is None or "x_sc" in batch or pair_updates:
             return None

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from equipipe.config import defaults
+from equipipe.models import interface
 from equipipe.models.registry import build_model, task_statistics
 from equipipe.so3 import inverse, rotate_per_example
 from equipipe.tasks.base import Batch, EvaluationDefaults, repeat_ragged
@@ -126,7 +127,7 @@ class ForceFieldTask(EvaluationDefaults):
         of g_k^-1 f(g_k x), and (``plain``) the prediction ``predict(model, batch)`` from the
         same pass. None otherwise. R: (K, B, 3, 3).
         """
-        forward_rotated = getattr(model, "forward_rotated", None)
+        forward_rotated = interface.forward_rotated(model)
         if forward_rotated is None:
             return None
         rotated, unrotated = forward_rotated(batch, R)
