@@ -14,10 +14,12 @@ Rows, at the study's per-GPU batch sizes on synthetic batches (full mode):
 - bf16 matmul: the peak the FLOP/s are compared with (a large bf16 GEMM, same run);
 - per model (EScAIP 6M: 64 molecules x 40 atoms, 20 neighbours; e3nn equivariant 6M on the
   same batch; Proteina 60M: 4 chains x 256 residues; VoxMol 111M: 16 grids of 64^3, 8 if 16
-  do not fit): one training step as ``equipipe.train`` runs it (augment, prepare_train, bf16
-  autocast on CUDA, loss, backward, grad clip, AdamW) eager and with torch.compile: ms per
-  step, steps/s, peak memory, FLOPs per step counted with FlopCounterMode over the timed
-  steps, achieved TFLOP/s and the share of the measured peak;
+  do not fit): the training step ``equipipe.train`` runs, imported from
+  ``equipipe.train_step`` (rotation augmentation, the task's augment, prepare_train, bf16
+  autocast, loss, backward, grad clip, the optimiser step, the EMA update), with each model's
+  recipe from config/paper.yaml (optimiser, clip, EMA, augment_prob), eager and with
+  torch.compile: ms per step, steps/s, peak memory, FLOPs per step counted with
+  FlopCounterMode over the timed steps, achieved TFLOP/s and the share of the measured peak;
 - eval overhead: ``equivariance.decompose`` (forward-only, K rotations, the strategy "auto"
   picks: batched on CUDA) against K plain validation forwards on the same batch, K = 10
   (force field, flow matching) / 4 (voxels, Haar view); DESIGN.md asks <= 0.6 on a GPU.
@@ -64,6 +66,7 @@ MODULES = (
     "equipipe.voxel",
     "equipipe.distributed",
     "equipipe.gpulease",
+    "equipipe.train_step",
     "equipipe.models.registry",
     "equipipe.models.escaip",
     "equipipe.models.proteina",
@@ -101,8 +104,10 @@ QUICK = {
     "escaip": dict(size="tiny", molecules=3, atoms=10, k=4, eval_molecules=2),
     "equivariant": dict(size="tiny", molecules=2, atoms=8),
     "proteina": dict(size="tiny", chains=2, residues=12, k=4),
+    # 24^3, not 16^3: the tiny U-Net's middle level would be 2^3 voxels, where torch's CPU bf16
+    # Conv3d weight gradient is at times non-finite (a torch kernel fault; 3^3 and up are fine)
     "voxmol": dict(
-        size="tiny", grids=1, fallback_grids=1, grid=16, spacing=0.5, atoms=8, k=2, eval_grids=1
+        size="tiny", grids=1, fallback_grids=1, grid=24, spacing=0.5, atoms=8, k=2, eval_grids=1
     ),
     "matmul": 256,
     "warmup": 1,
@@ -264,10 +269,22 @@ class Workload:
     task: Any
     model: Any
     batch: dict  # training batch on the device, before augment/prepare_train
-    clip: float | None
+    recipe: Any  # equipipe.train_step.TrainConfig: optimiser, clip, EMA, augment_prob
     eval_view: dict | None = None
     k: int = 0
     rotations: Any = None
+
+
+def recipe(model_name: str) -> Any:
+    """The training recipe of config/paper.yaml's task for ``model_name`` (what the step needs)."""
+    from equipipe.train_step import TrainConfig
+
+    if model_name == "proteina":
+        return TrainConfig(optimizer="adam", lr=1e-4, grad_clip=1.0, ema=0.999, augment_prob=1.0)
+    if model_name == "voxmol":
+        return TrainConfig(lr=2e-5, betas=(0.99, 0.999), eps=0.0, weight_decay=0.01, ema=0.999,
+                           augment_prob=1.0)  # fmt: skip
+    return TrainConfig(lr=1e-5, weight_decay=0.01, grad_clip=10.0, ema=0.999, augment_prob=0.0)
 
 
 def atoms_batch(torch, device, molecules: int, atoms: int, seed: int = 0) -> dict:
@@ -296,7 +313,7 @@ def forcefield_workload(ctx: Ctx, model_name: str) -> Workload:
     model = task.build_model(s["size"]).to(ctx.device)
     batch = atoms_batch(torch, ctx.device, s["molecules"], s["atoms"])
     desc = f"{s['molecules']} mol x {s['atoms']} atoms"
-    w = Workload(f"{model_name} {s['size']}", desc, task, model, batch, clip=10.0)
+    w = Workload(f"{model_name} {s['size']}", desc, task, model, batch, recipe(model_name))
     if "k" in s:
         w.eval_view = atoms_batch(torch, ctx.device, s["eval_molecules"], s["atoms"], seed=1)
         w.k = s["k"]
@@ -321,7 +338,8 @@ def proteina_workload(ctx: Ctx) -> Workload:
         "residue": torch.arange(L).expand(B, L).contiguous().to(ctx.device),
         "chain_break": torch.zeros(B, L, dtype=torch.bool, device=ctx.device),
     }
-    w = Workload(f"proteina {s['size']}", f"{B} chains x {L} res", task, model, batch, clip=1.0)
+    desc = f"{B} chains x {L} res"
+    w = Workload(f"proteina {s['size']}", desc, task, model, batch, recipe("proteina"))
     views = task.eval_views(batch, torch.Generator().manual_seed(1))
     w.eval_view = dict(views[len(views) // 2][1])  # one flow time (t = 0.8)
     w.k = s["k"]
@@ -346,29 +364,24 @@ def voxmol_workload(ctx: Ctx, grids: int) -> Workload:
         return {k: v.to(ctx.device) for k, v in task.collate(examples).items()}
 
     desc = f"{grids} grids {s['grid']}^3"
-    w = Workload(f"voxmol {s['size']}", desc, task, model, molecules(grids, 0), clip=None)
+    w = Workload(f"voxmol {s['size']}", desc, task, model, molecules(grids, 0), recipe("voxmol"))
     views = task.eval_views(molecules(s["eval_grids"], 1), torch.Generator().manual_seed(1))
     w.eval_view = next(v for labels, v in views if labels.get("mode") == "haar")
     w.k = s["k"]
     return w
 
 
-def make_step(ctx: Ctx, w: Workload, fwd_model, opt) -> Callable[[int], None]:
-    """One optimiser step as equipipe.train.Trainer.train_step does it, seeded by ``seed``."""
-    torch = ctx.torch
-    params = [p for p in w.model.parameters() if p.requires_grad]
+def make_step(ctx: Ctx, w: Workload, fwd_model, opt, ema) -> Callable[[int], None]:
+    """``step(i)``: training step ``i`` (seed 0) of ``equipipe.train_step`` on ``w.batch``.
 
-    def step(seed: int) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        opt.zero_grad(set_to_none=True)
-        batch = w.task.augment(w.batch, gen)
-        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.autocast):
-            batch = w.task.prepare_train(fwd_model, batch, gen)
-            loss = w.task.loss(w.task.predict(fwd_model, batch), batch)
-        loss.backward()
-        if w.clip:
-            torch.nn.utils.clip_grad_norm_(params, w.clip)
-        opt.step()
+    Every micro-batch of the recipe's ``accumulate`` is ``w.batch``; ``ema`` is the
+    ``equipipe.train_step.EMA`` of ``w.model`` (or None).
+    """
+    from equipipe.train_step import train_step
+
+    def step(i: int) -> None:
+        train_step(w.model, w.task, opt, ema, w.recipe, i, 0, lambda _micro: (w.batch, 1.0),
+                   forward_model=fwd_model, autocast=ctx.autocast)  # fmt: skip
 
     return step
 
@@ -409,16 +422,19 @@ def check_train(ctx: Ctx, row: Row, build: Callable[[], Workload], compiled: boo
     torch = ctx.torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from equipipe.train_step import EMA, make_optimizer
+
     w = build()
     row.workload, row.batch = w.name, w.batch_desc
     n_params = sum(p.numel() for p in w.model.parameters())
     w.model.train()
-    opt = torch.optim.AdamW(w.model.parameters(), lr=1e-4)
+    opt = make_optimizer(w.model.parameters(), w.recipe)
+    ema = EMA(w.model, w.recipe.ema, w.recipe.ema_warmup) if w.recipe.ema else None
     fwd = w.model
     if compiled:
         torch._dynamo.reset()
         fwd = torch.compile(w.model, backend=ctx.compile_backend)
-    step = make_step(ctx, w, fwd, opt)
+    step = make_step(ctx, w, fwd, opt, ema)
     warmup = -1 if compiled else ctx.sizes["warmup"]
     n = ctx.sizes["steps"]
     if ctx.cuda:

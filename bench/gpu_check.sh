@@ -20,4 +20,16 @@ fi
 timeout -k 10 "${GPU_CHECK_TIMEOUT:-300}" "$py" "$root/bench/gpu_check.py" "$@"
 rc=$?
 [ "$rc" -eq 124 ] && echo "gpu_check: stopped after ${GPU_CHECK_TIMEOUT:-300} s (GPU_CHECK_TIMEOUT)" >&2
+# The efficiency gap's c with e3nn's and cuequivariance's tensor products (issue 17 item 4;
+# bench/kernels_c.py, ~1-2 min). GPU_CHECK_KERNELS=0 skips it; GPU_CHECK_WHEELS=<dir> installs
+# the wheels there first (no network on the GPU machine: e3nn, nequip and its dependencies,
+# cuequivariance, cuequivariance-torch, cuequivariance-ops-torch-cu12, cuequivariance-ops-cu12).
+if [ "${GPU_CHECK_KERNELS:-1}" = 1 ]; then
+  if [ -n "${GPU_CHECK_WHEELS:-}" ]; then
+    "$py" -m pip install -q --no-index --find-links "$GPU_CHECK_WHEELS" "$GPU_CHECK_WHEELS"/*.whl >&2 ||
+      echo "gpu_check: installing the wheels in $GPU_CHECK_WHEELS failed" >&2
+  fi
+  timeout -k 10 "${GPU_CHECK_KERNELS_TIMEOUT:-240}" "$py" "$root/bench/kernels_c.py" ||
+    echo "gpu_check: kernels_c.py failed or stopped (GPU_CHECK_KERNELS_TIMEOUT)" >&2
+fi
 exit "$rc"

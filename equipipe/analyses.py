@@ -15,6 +15,12 @@ folder:
     ``landscape_fit.parquet``     axes, loss, r2, curvature_alpha, curvature_beta,
         curvature_ratio, range (quadratic fit of each surface)
     ``landscape_axes.npz``        <loss>_min, <loss>_max unit eigenvectors (flattened block)
+    ``landscape_density.parquet`` (spec ``slq_probes`` > 0) loss (mean, equiv), method (slq,
+        exact where the block's spectrum was exact), probe, node, weight: spectral densities
+    ``landscape_threshold.parquet`` (with it) loss, method, threshold τ (relative to λmax),
+        kappa (λmax / λmin(τ)), count (eigenvalues above τ·λmax), count_se, resolution
+        (eigenvalues one quadrature node carries there), resolved, lambda_max,
+        fraction_negative, n_params (``equipipe.slq``)
     ``landscape.json``            spec, run facts, grid step, curvature route (quadratic model
         of affine predictions / autograd / lanczos) and its affinity check, surface method per
         plane, centre values, the training evaluation's logged values at that step, seconds
@@ -185,6 +191,14 @@ def landscape_from_model(
         resample=resample, planes=spec["planes"],
         autograd_objective=autograd_objective if auto_dtype and dtype != torch.float64 else None,
     )  # fmt: skip
+    if int(spec["slq_probes"]) > 0:
+        try:  # float64 HVPs where the model runs in it (float32 Hessians carry rounding noise)
+            slq_obj = objective_for(torch.float64, rotations)
+        except (RuntimeError, TypeError):
+            slq_obj = obj
+        res["density"], res["threshold"] = hessian_densities(
+            slq_obj, int(spec["slq_probes"]), int(spec["slq_steps"]), seed, res["spectrum"]
+        )
     facts = {
         "param": obj.param_name, "n_params": obj.n_params, "field": obj.field,
         "unit": task.units.get(obj.field), "k": 24 if rotations == "octahedral" else k,
@@ -198,6 +212,52 @@ def landscape_from_model(
                    "n_views": len(obj.views), "resample": bool(spec["resample"]),
                    "closed_form_equiv_first_view": closed_form}  # fmt: skip
     return res
+
+
+# relative thresholds τ of κ(τ) and the eigenvalue counts above τ·λmax
+THRESHOLDS: tuple[float, ...] = tuple(10.0 ** (e / 2) for e in range(-20, 1))
+
+
+def hessian_densities(
+    obj: ls.BlockObjective, n_probes: int, n_steps: int, seed: int, spectrum_rows: list[dict]
+) -> tuple[list[dict], list[dict]]:
+    """SLQ spectral densities of the L_mean and L_equiv Hessians of the block, and κ(τ) and
+    the eigenvalue count above τ·λmax for τ in ``THRESHOLDS`` (``equipipe.slq``); the same
+    from the exact eigenvalues where the landscape computed them (method "exact").
+
+    Returns (density rows: loss, method, probe, node, weight; threshold rows: loss, method,
+    threshold, kappa, count, count_se, resolution, resolved, lambda_max, fraction_negative,
+    n_params; ``resolved``: the count above the threshold is known to within max(2, 10 %),
+    ``Density.resolution``).
+    """
+    from equipipe.slq import Density, slq
+
+    hvps = obj.hvps()
+    dens: dict[tuple[str, str], Density] = {}
+    for i, loss in enumerate(("mean", "equiv")):
+        gen = torch.Generator().manual_seed(seed * 7919 + 17 + i)
+        dens[(loss, "slq")] = slq(hvps[loss], obj.n_params, n_probes, n_steps, gen)
+        exact = [r["eigenvalue"] for r in spectrum_rows if r["loss"] == loss and r["method"] == "exact"]  # fmt: skip
+        if len(exact) == obj.n_params:
+            dens[(loss, "exact")] = Density.exact(exact)
+    obj.reset()
+    density_rows, threshold_rows = [], []
+    for (loss, method), d in dens.items():
+        for p in range(d.n_probes):
+            for node, w in zip(d.nodes[p], d.weights[p]):
+                if np.isfinite(node):
+                    density_rows.append({"loss": loss, "method": method, "probe": p,
+                                         "node": float(node), "weight": float(w)})  # fmt: skip
+        count, count_se = d.count_above(THRESHOLDS)
+        kappa, res = d.kappa(THRESHOLDS), d.resolution(THRESHOLDS)
+        for t, k, c, cse, r in zip(THRESHOLDS, kappa, count, count_se, res):
+            threshold_rows.append({"loss": loss, "method": method, "threshold": t,
+                                   "kappa": float(k), "count": float(c), "count_se": float(cse),
+                                   "resolution": float(r), "resolved": bool(r <= max(2.0, 0.1 * c)),
+                                   "lambda_max": d.lambda_max,
+                                   "fraction_negative": d.fraction_negative(),
+                                   "n_params": obj.n_params})  # fmt: skip
+    return density_rows, threshold_rows
 
 
 def _closed_form_equiv(obj: ls.BlockObjective, views: list[ls.View]) -> float | None:
@@ -246,6 +306,16 @@ def write_landscape(res: dict[str, Any], out_dir: Path, extra_meta: dict | None 
     arrays = {f"{name}_{which}": vec for name, (u, v) in res["axes"].items()
               for which, vec in (("min", u), ("max", v))}  # fmt: skip
     np.savez(out_dir / "landscape_axes.npz", **arrays)
+    if "density" in res:  # SLQ (spec slq_probes > 0)
+        pl.DataFrame(res["density"], schema={"loss": pl.String, "method": pl.String,
+                     "probe": pl.Int64, "node": pl.Float64, "weight": pl.Float64}).write_parquet(
+            out_dir / "landscape_density.parquet")  # fmt: skip
+        pl.DataFrame(res["threshold"], schema={"loss": pl.String, "method": pl.String,
+                     "threshold": pl.Float64, "kappa": pl.Float64, "count": pl.Float64,
+                     "count_se": pl.Float64, "resolution": pl.Float64, "resolved": pl.Boolean,
+                     "lambda_max": pl.Float64,
+                     "fraction_negative": pl.Float64, "n_params": pl.Int64}).write_parquet(
+            out_dir / "landscape_threshold.parquet")  # fmt: skip
     (out_dir / "landscape.json").write_text(json.dumps(meta, indent=1, default=str))
 
 

@@ -2,6 +2,11 @@
 
 Every subcommand takes its configuration slice as JSON (``--cfg``/``--spec``), so a rule passes
 only its own slice and reruns only when that slice changes.
+
+Logging is configured here once (``equipipe.logs``; ``--log-level`` or EQUIPIPE_LOG_LEVEL):
+messages go to stderr. The ``print`` calls left are the output of the commands whose output IS
+their stdout (archive's path, model-info's table, validate-config, config-docs, diff-reports)
+and the one-line error a failing command ends with (``equipipe <command>: error: ...``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import sys
 from pathlib import Path
 
 from equipipe import __version__
+from equipipe.logs import LEVEL_ENV, LEVELS, configure_logging
 
 DATASETS = ("spice", "pdb", "geom")
 
@@ -84,6 +90,8 @@ def cmd_train(a) -> None:
         from equipipe.timing import process_seconds
         from equipipe.train import train
 
+        if a.tensorboard:
+            spec = {**spec, "train": {**spec.get("train", {}), "tensorboard": True}}
         train(spec, Path(a.store), Path(a.split), Path(a.subset), Path(a.out), process_seconds())
 
 
@@ -93,7 +101,8 @@ def cmd_collect(a) -> None:
     from equipipe.collect import collect
 
     out = Path(a.out_comparison)
-    collect([Path(p) for p in a.runs], Path(a.out_metrics), out)
+    windows = _json(a.dip_windows) if a.dip_windows else None
+    collect([Path(p) for p in a.runs], Path(a.out_metrics), out, dip_windows=windows)
     html = publish_string(out.with_suffix(".rst").read_text(), writer_name="html")
     out.with_suffix(".html").write_bytes(html)
 
@@ -126,13 +135,26 @@ def cmd_analyse(a) -> None:
 
         md(runs, out, spec)
         return
+    if a.kind == "decay":
+        from equipipe.decay import write_decay
+
+        write_decay(runs, out, spec)
+        return
     from equipipe import analyses
 
     if a.kind not in ("landscape", "twirling"):
         raise SystemExit(
-            f"equipipe: unknown analysis {a.kind!r}; allowed: landscape, twirling, efficiency, md"
+            f"equipipe: unknown analysis {a.kind!r}; allowed: landscape, twirling, efficiency, md, "
+            "decay"
         )
     getattr(analyses, a.kind)(runs[0], out, spec)
+
+
+def cmd_tuning_summary(a) -> None:
+    from equipipe.tuning import markdown_table, summarise_sweep
+
+    _, finals = summarise_sweep(Path(a.runs), Path(a.out), a.prefix, a.split)
+    print(markdown_table(finals))
 
 
 def cmd_table(a) -> None:
@@ -157,12 +179,14 @@ def cmd_provenance(a) -> None:
 def cmd_headlines(a) -> None:
     from equipipe.headlines import write_headlines
 
-    write_headlines([Path(r) for r in a.runs], Path(a.out))
+    windows = _json(a.dip_windows) if a.dip_windows else None
+    write_headlines([Path(r) for r in a.runs], Path(a.out), dip_windows=windows)
 
 
 def cmd_archive(a) -> None:
     from equipipe.archive import write_archive
 
+    # stdout is this command's output (the archive's path)
     print(write_archive(Path(a.out), Path(a.repo), [Path(f) for f in a.include or []]))
 
 
@@ -176,6 +200,7 @@ def cmd_model_info(a) -> None:
     from equipipe.models.registry import model_info_rows
 
     rows = model_info_rows(a.model)
+    # stdout is this command's output (the table)
     print(f"{'model':<12} {'size':<8} {'parameters':>14} {'label':>10}  within 10%")
     for r in rows:
         print(
@@ -187,7 +212,7 @@ def cmd_validate(a) -> None:
     from equipipe.config import load_config
 
     cfg = load_config(Path(a.config))
-    print(
+    print(  # stdout is this command's output
         f"{a.config}: valid ({len(cfg['experiments'])} experiments, {len(cfg.get('figures', {}))} figures)"
     )
 
@@ -195,6 +220,7 @@ def cmd_validate(a) -> None:
 def cmd_config_docs(a) -> None:
     from equipipe.config_docs import README, render_readme, write_readme
 
+    # stdout is this command's output (the README's state)
     if a.write:
         print(f"{README}: {'rewritten' if write_readme() else 'already up to date'}")
     elif render_readme(README.read_text()) != README.read_text():
@@ -217,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug",
         action="store_true",
         help="show the traceback of an error instead of one line (also: EQUIPIPE_DEBUG=1)",
+    )
+    p.add_argument(
+        "--log-level",
+        default=None,
+        choices=LEVELS,
+        type=str.upper,
+        help=f"messages on stderr from this level up (default: ${LEVEL_ENV}, else INFO)",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -290,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="GPUs of this job (> 1: DDP via torchrun, one rank per GPU)",
     )
+    s.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write TensorBoard event files into --out (as train.tensorboard: true; "
+        "watch with `tensorboard --logdir results/runs`)",
+    )
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser(
@@ -298,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--runs", nargs="+", required=True)
     s.add_argument("--out-metrics", required=True)
     s.add_argument("--out-comparison", required=True)
+    s.add_argument(
+        "--dip-windows",
+        help="JSON (or @file) experiment -> [lo, hi] steps of the dip search (null: open end)",
+    )
     s.set_defaults(fn=cmd_collect)
 
     s = sub.add_parser("figure", help="draw one figure (png, pdf, svg)")
@@ -308,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_figure)
 
     s = sub.add_parser("analyse", help="mechanism analyses of a finished run")
-    s.add_argument("kind", help="landscape | twirling | efficiency | md")
+    s.add_argument("kind", help="landscape | twirling | efficiency | md | decay")
     s.add_argument(
         "--run",
         nargs="+",
@@ -318,6 +361,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--spec", default="{}")
     s.set_defaults(fn=cmd_analyse)
+
+    s = sub.add_parser(
+        "tuning-summary",
+        help="summarise the tuning sweep (config/tuning.yaml) into sweep_curves.csv and "
+        "sweep_final.csv",
+    )
+    s.add_argument("--runs", default="results/runs", help="folder holding the tune_* runs")
+    s.add_argument("--out", default="docs/tuning", help="folder of the two CSVs")
+    s.add_argument("--prefix", default="tune_", help="experiment-name prefix of the sweep")
+    s.add_argument("--split", default="val", help="held-out split the sweep evaluated")
+    s.set_defaults(fn=cmd_tuning_summary)
 
     s = sub.add_parser(
         "table", help="render an analysis folder's tables (parquet) as one HTML page"
@@ -350,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--runs", nargs="+", required=True)
     s.add_argument("--out", required=True, help="headlines.csv")
+    s.add_argument("--dip-windows", help="as for collect: experiment -> [lo, hi] steps")
     s.set_defaults(fn=cmd_headlines)
 
     s = sub.add_parser(
@@ -397,12 +452,14 @@ def main(argv: list[str] | None = None) -> None:
     from equipipe.errors import ActionableError, debug_requested, one_line
 
     args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
     try:
         args.fn(args)
     except (ValueError, KeyError, FileNotFoundError, ActionableError) as e:
         if debug_requested(args.debug):
             raise
         # one line naming the file and what to do; --debug / EQUIPIPE_DEBUG=1: the traceback
+        # the command's one-line error (like argparse's), not a log record: no time stamp
         print(f"equipipe {args.command}: error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from e
 

@@ -504,6 +504,12 @@ def _check_analyses(cfg: dict) -> None:
                     f"{where}.split: {spec['split']!r} is not a split the experiments log; "
                     f"allowed: {', '.join(have)}"
                 )
+        elif kind == "decay":
+            if not a.get("experiments"):
+                raise ConfigError(
+                    f"analyses.{name}.experiments: a decay analysis fits the runs of the "
+                    "experiments it lists; list them"
+                )
         elif kind == "md":
             exps = list(a.get("experiments") or [])
             if not exps:
@@ -559,6 +565,15 @@ def _check_figures(cfg: dict) -> None:
                     f"{where}.{key}: {value!r} is not one of figures.{name}.experiments; "
                     f"allowed: {', '.join(f.get('experiments', []))}"
                 )
+        if f["kind"] == "grad_ratio":
+            for e in f.get("experiments", []):
+                ev = experiment_eval(cfg, e)
+                if ev.get("grad_norm_batches", 1) == 0:  # 1: EvalConfig's default
+                    raise ConfigError(
+                        f"figures.{name}: grad_ratio draws experiment {e!r}, whose gradient-norm "
+                        f"ratio is off (eval.grad_norm_batches: 0); set experiments.{e}.eval."
+                        f"grad_norm_batches >= 1 or drop {e!r} from figures.{name}.experiments"
+                    )
         split = (f.get("style") or {}).get("split")
         if split is not None and f.get("experiments"):
             have = sorted(set().union(*(metric_splits(cfg, e) for e in f["experiments"])))
@@ -568,6 +583,12 @@ def _check_figures(cfg: dict) -> None:
                         f"{where}.split: {value!r} is not a split the drawn experiments log; "
                         f"allowed: {', '.join(have)}"
                     )
+
+
+def experiment_eval(cfg: dict, experiment: str) -> dict:
+    """An experiment's ``eval`` block: its task's, overridden by its own."""
+    e = cfg["experiments"][experiment]
+    return deep_merge(cfg["tasks"][e["task"]].get("eval") or {}, e.get("eval") or {})
 
 
 def metric_splits(cfg: dict, experiment: str) -> set[str]:
@@ -625,6 +646,16 @@ def run_spec(cfg: dict, experiment: str, seed: int) -> dict[str, Any]:
         "task_cfg": task_cfg,
         "train": deep_merge(t.get("train", {}), e.get("train", {})),
         "eval": deep_merge(t.get("eval", {}), e.get("eval", {})),
+    }
+
+
+def dip_windows(cfg: dict) -> dict[str, list]:
+    """experiment -> its ``dip_window`` [lo, hi] (steps) where the config sets one: what the
+    collect and headlines rules pass to ``equipipe collect/headlines --dip-windows``."""
+    return {
+        name: list(e["dip_window"])
+        for name, e in cfg["experiments"].items()
+        if e.get("dip_window") is not None
     }
 
 

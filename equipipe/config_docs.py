@@ -32,7 +32,7 @@ def _type(p: dict) -> str:
         t += " of " + (
             " | ".join(f"`{v}`" for v in inner["enum"])
             if "enum" in inner
-            else inner.get("type", "any")
+            else _type({"type": inner.get("type", "any")})
         )
     return t
 

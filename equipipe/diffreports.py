@@ -209,7 +209,7 @@ def diff_main(a: str, b: str, threshold: float = 3.0, out: Path | None = None) -
     table = (
         diff_study(ta, threshold) if b == "study" else diff_tables(ta, load_headlines(b), threshold)
     )
-    print(render(table))
+    print(render(table))  # stdout is the diff-reports command's output
     n = int(table["flag"].sum()) if table.height else 0
     print(f"\n{n} of {table.height} compared numbers differ beyond noise (|z| > {threshold:g})")
     if out is not None:

@@ -11,7 +11,7 @@ that are stated next to every number this module produces (:data:`ASSUMPTIONS`).
 
 Input: two matched experiments on the same data — a non-equivariant ``baseline`` (e.g. EScAIP
 with rotation augmentation) and an ``equivariant`` one (same steps, or same wall-clock) — as
-the collected metrics table (CONTRACTS.md columns + ``experiment``, ``seed``) and their
+the collected metrics table (``equipipe.metrics`` columns + ``experiment``, ``seed``) and their
 run.json dicts keyed ``"<experiment>/<seed>"``.
 
 What is measured, and how noisy it is:
@@ -215,6 +215,117 @@ def _final(df: pl.DataFrame) -> dict[int, float]:
     return dict(zip(agg.get_column("seed").to_list(), agg.get_column("value").to_list()))
 
 
+# --------------------------------------------------------------------------- the tuning sweep
+
+
+@dataclass
+class Setting:
+    """One run of the tuning sweep (``sweep_curves.csv``), on the sweep's split."""
+
+    experiment: str
+    lr: float
+    warmup_steps: int
+    step: np.ndarray
+    total: np.ndarray
+    pct: np.ndarray
+    train_config: dict
+    chosen: bool = False
+    alpha: float = math.nan
+    c_star: float = math.nan
+
+
+def _sweep_path(o: dict) -> Path:
+    from equipipe.tuning import repo_path
+
+    return repo_path(o["sweep"])
+
+
+def _sweep(o: dict, models: dict[str, str], infos: dict[str, dict]) -> dict[str, list[Setting]]:
+    """The sweep's settings of each side's model; α (same window rule as the pair), p and c*
+    per baseline setting. The chosen setting of a model has the lowest final total."""
+    from equipipe.tuning import read_sweep
+
+    df = read_sweep(_sweep_path(o))
+    out: dict[str, list[Setting]] = {}
+    for k, model in models.items():
+        sel = df.filter(pl.col("model") == model)
+        if sel.height == 0:
+            raise ValueError(
+                f"efficiency gap: the sweep {o['sweep']} has no runs of model {model!r} "
+                f"(has {sorted(df.get_column('model').unique().to_list())})"
+            )
+        settings = []
+        for (exp,), g in sel.group_by("experiment", maintain_order=True):
+            g = g.sort("step")
+            r0 = g.row(0, named=True)
+            tc = {**(infos[k].get("train_config") or {}),
+                  **{c: r0[c] for c in ("lr", "warmup_steps", "schedule", "lr_floor", "steps")}}  # fmt: skip
+            st = Setting(str(exp), float(r0["lr"]), int(r0["warmup_steps"]),
+                         g.get_column("step").to_numpy().astype(float),
+                         g.get_column("total").to_numpy().astype(float),
+                         g.get_column("pct").fill_null(np.nan).to_numpy().astype(float), tc)  # fmt: skip
+            keep = _window(st.step, tc, o)
+            st.alpha = power_law_fit(st.step[keep], st.total[keep], 0)["alpha"]
+            settings.append(st)
+        best = min(settings, key=lambda x: (x.total[-1], x.lr))
+        best.chosen = True
+        out[k] = sorted(settings, key=lambda x: (x.lr, x.warmup_steps))
+    return out
+
+
+def _sweep_rows(
+    sweep: dict[str, list[Setting]], c: dict, fit: dict, models: dict[str, str]
+) -> list:
+    """c* over the baseline's sweep settings — the spread tuning implies — and the final held-out
+    total of both models over their settings.
+
+    c* per setting = (1 - p_s)^(-1/α_s) with p_s the setting's final pct and α_s its own fit in
+    the same window as ``alpha`` where that window holds >= 3 evaluations, else the pair's α
+    (the sweep evaluates at steps 50, 100, 200, ...: a 500-step cosine run has only 50 and 100
+    in its constant-learning-rate segment). lo/hi of ``c_star_sweep`` also take the pair's α
+    at its 16-84 % bootstrap ends, so they hold both the tuning and the fit's spread.
+    """
+    base = sweep["baseline"]
+    where = f"tuning sweep ({len(base)} settings of {models['baseline']}, its split)"
+    own = sum(np.isfinite(s.alpha) for s in base)
+    for s in base:
+        s.c_star = critical_cost_ratio(
+            float(s.pct[-1]), s.alpha if np.isfinite(s.alpha) else fit["alpha"]
+        )
+    chosen = next(s for s in base if s.chosen)
+    ends = [a for a in (fit["lo"], fit["alpha"], fit["hi"]) if np.isfinite(a)]
+    combos = [critical_cost_ratio(float(s.pct[-1]), a) for s in base for a in ends]
+    combos = [x for x in combos + [s.c_star for s in base] if np.isfinite(x)]
+    cs = np.array([s.c_star for s in base], float)
+    cs = cs[np.isfinite(cs)]
+    pv = np.array([s.pct[-1] for s in base], float)
+    per = "; ".join(
+        f"lr {s.lr:g}/wu {s.warmup_steps}: p {s.pct[-1]:.3g}, c* {s.c_star:.4g}" for s in base
+    )
+    rows = [
+        _row("p_sweep", float(np.median(pv)), lo=pv.min(), hi=pv.max(), n=pv.size,
+             unit="fraction", method=f"final pct per setting of the {where}; value median, "
+             "lo/hi min/max"),
+        _row("c_star_sweep", float(np.median(cs)) if cs.size else None,
+             lo=min(combos) if combos else None, hi=max(combos) if combos else None,
+             n=int(cs.size), unit="ratio",
+             method=f"(1 - p_s)^(-1/α) per setting of the {where}: α_s of the setting where its "
+             f"window holds >= 3 evaluations ({own} of {len(base)}), else the pair's α; value "
+             "median over settings, lo/hi min/max also over the pair's α bootstrap 16-84 %",
+             note=f"chosen setting lr {chosen.lr:g}/wu {chosen.warmup_steps}: c* "
+             f"{chosen.c_star:.4g}; c = {c['value']:.3g}; per setting: {per}"),
+    ]  # fmt: skip
+    for k in ("baseline", "equivariant"):
+        sts = sweep[k]
+        ch = next(s for s in sts if s.chosen)
+        rows.append(_row(f"sweep_final_{k}", ch.total[-1],
+                         lo=min(s.total[-1] for s in sts), hi=max(s.total[-1] for s in sts),
+                         n=len(sts), method="final held-out total of the chosen setting "
+                         "(lowest); lo/hi over the sweep's settings",
+                         note=f"{models[k]}: chosen lr {ch.lr:g}, warm-up {ch.warmup_steps}"))  # fmt: skip
+    return rows
+
+
 # --------------------------------------------------------------------------- analysis
 
 
@@ -230,6 +341,7 @@ class Efficiency:
     fit: dict
     numbers: dict[str, dict]
     table: pl.DataFrame
+    sweep: dict | None = None  # per model ("baseline", "equivariant"): the sweep's settings
 
 
 def _row(quantity: str, value, *, se=None, lo=None, hi=None, n=None, unit="", method="", note=""):
@@ -293,15 +405,62 @@ def _final_pct(sel, base: str, fld: str | None) -> dict:
     return {"value": p, "se": se, "row": row}
 
 
-def _alpha_fit(cv: Curve, fit_from: float, n_boot: int, seed: int) -> dict:
-    """Power law on the later part (steps >= fit_from x last) of the seed-mean curve."""
-    last = cv.step.max(initial=0.0)
-    keep = (cv.step >= fit_from * last) & (cv.step > 0)
+def lr_window(step, train_config: dict | None, lr_tol: float) -> np.ndarray:
+    """Evaluations inside the run's constant-learning-rate segment: after the warm-up (the
+    evaluation at step s follows training steps 0..s-1, so s > warmup_steps) and while the
+    learning rate of the last step before it is within ``lr_tol`` of its peak (cosine: the first
+    part of the decay; constant schedule: the whole run after the warm-up). No train_config:
+    a constant learning rate without warm-up.
+
+    Args:
+        step: evaluation steps, shape (n,).
+        train_config: run.json ``train_config`` (lr, warmup_steps, schedule, lr_floor, steps).
+        lr_tol: allowed relative fall of the learning rate below its peak (0.1: >= 0.9 x peak).
+
+    Returns:
+        Boolean mask, shape (n,).
+    """
+    s = np.asarray(step, float)
+    tc = train_config or {}
+    if not tc:
+        return s > 0
+    from equipipe.train import TrainConfig, lr_at
+
+    known = set(TrainConfig.__dataclass_fields__)
+    cfg = TrainConfig(**{k: v for k, v in tc.items() if k in known})
+    lr = np.array([lr_at(max(int(x) - 1, 0), cfg) for x in s])
+    return (s > cfg.warmup_steps) & (lr >= (1 - lr_tol) * cfg.lr)
+
+
+def _window(step, train_config, o: dict, last: float | None = None) -> np.ndarray:
+    """The α fit window of option ``alpha_window``: ``constant_lr`` (default; the schedule's
+    near-constant segment, then steps >= fit_from x its end) or ``tail`` (steps >= fit_from x
+    the run's last step — on a cosine run this takes in the decay, which steepens the curve)."""
+    s = np.asarray(step, float)
+    keep = s > 0
+    if o["alpha_window"] == "constant_lr":
+        keep &= lr_window(s, train_config, o["lr_tol"])
+    end = s[keep].max(initial=0.0) if last is None else last
+    return keep & (s >= o["fit_from"] * end)
+
+
+def _window_text(o: dict, steps: np.ndarray) -> str:
+    span = f"steps {steps.min():.0f}-{steps.max():.0f}" if steps.size else "no steps"
+    if o["alpha_window"] == "constant_lr":
+        return (f"constant-learning-rate segment ({span}: after the warm-up, lr >= "
+                f"{1 - o['lr_tol']:g} x peak; the cosine decay excluded)")  # fmt: skip
+    return f"last part of the run ({span}: steps >= {o['fit_from']:g} x last; includes the decay)"
+
+
+def _alpha_fit(cv: Curve, tc: dict | None, o: dict, n_boot: int, seed: int) -> dict:
+    """Power law on the fit window (:func:`_window`) of the seed-mean curve."""
+    keep = _window(cv.step, tc, o)
     fit = power_law_fit(cv.compute_h[keep], cv.value[keep], n_boot, seed)
     fit["range"] = (cv.compute_h[keep].min(), cv.compute_h[keep].max()) if keep.any() else None
+    fit["window"] = _window_text(o, cv.step[keep])
     per_seed = []
     for step, compute, value in cv.per_seed.values():
-        k = (step >= fit_from * last) & (step > 0)
+        k = _window(step, tc, o, cv.step[keep].max(initial=0.0) if keep.any() else None)
         per_seed.append(power_law_fit(compute[k], value[k], 0)["alpha"])
     fit["per_seed"] = per_seed
     return fit
@@ -398,18 +557,32 @@ def analyse(metrics: pl.DataFrame, runs: dict[str, dict], spec: dict) -> Efficie
     rows, c = _cost_rows(names, infos)
     p = _final_pct(sel, base, fld)
     rows.append(p["row"])
-    fits = {k: _alpha_fit(curves[k], o["fit_from"], n_boot, seed) for k in names}
-    for k, name in (("baseline", "alpha"), ("equivariant", "alpha_equivariant")):
+    tcs = {k: next(iter(infos[k].values())).get("train_config") for k in names}
+    fits = {k: _alpha_fit(curves[k], tcs[k], o, n_boot, seed) for k in names}
+    if o["alpha_window"] == "constant_lr":  # the biased fit, for comparison
+        fits["tail"] = _alpha_fit(curves["baseline"], tcs["baseline"],
+                                  {**o, "alpha_window": "tail"}, n_boot, seed)  # fmt: skip
+    for k, name in (("baseline", "alpha"), ("equivariant", "alpha_equivariant"),
+                    ("tail", "alpha_tail")):  # fmt: skip
+        if k not in fits:
+            continue
         f = fits[k]
         spread = f["per_seed"]
-        note = names[k] + (
+        note = names.get(k, base) + (
             f"; per-seed α {min(spread):.3g}..{max(spread):.3g}" if len(spread) > 1 else ""
         )
+        if k == "tail":
+            note += "; not used for c*: the cosine decay inside the window steepens the curve"
         rows.append(_row(name, f["alpha"], se=f["se"], lo=f["lo"], hi=f["hi"], n=f["n"],
-                         method=f"log-log least squares of {metric} vs compute ({clock} clock), "
-                         f"steps >= {o['fit_from']:g} x last; SE from residuals, lo/hi 16-84 % "
+                         method=f"log-log least squares of {metric} vs compute ({clock} clock) "
+                         f"on the {f['window']}; SE from residuals, lo/hi 16-84 % "
                          f"pairs bootstrap ({n_boot})", note=note))  # fmt: skip
     rows += _c_star_rows(c, p, fits["baseline"], n_boot, seed)
+    sweep = None
+    if o["sweep"]:
+        models = {k: next(iter(infos[k].values())).get("model") for k in names}
+        sweep = _sweep(o, models, {k: next(iter(infos[k].values())) for k in names})
+        rows += _sweep_rows(sweep, c, fits["baseline"], models)
     rows += _assumption_rows(curves, metric, mean_name, device_unit, clock)
     for name, key in (("final_loss_baseline", "baseline"),
                       ("final_twirled_loss_baseline", "baseline_mean"),
@@ -423,7 +596,7 @@ def analyse(metrics: pl.DataFrame, runs: dict[str, dict], spec: dict) -> Efficie
                          method=f"{what} at step {cv.step[-1]:.0f}, mean (min/max) over seeds"))  # fmt: skip
     numbers = {r["quantity"]: r for r in rows}
     table = pl.DataFrame(rows, schema=TABLE_SCHEMA)
-    return Efficiency(o, fld, unit, device_unit, curves, fits, numbers, table)
+    return Efficiency(o, fld, unit, device_unit, curves, fits, numbers, table, sweep)
 
 
 def efficiency_table(metrics: pl.DataFrame, runs: dict[str, dict], spec: dict) -> pl.DataFrame:
@@ -483,9 +656,12 @@ def efficiency_gap(ctx: FigureContext) -> Figure:
     spec = {**ctx.spec, "style": ctx.style}
     r = analyse(ctx.metrics, ctx.runs, spec)
     base, eq = r.opts["baseline"], r.opts["equivariant"]
-    fig = Figure(figsize=tuple(ctx.opt("figsize", (11.5, 6.4))), layout="constrained")
-    sub = fig.subfigures(2, 1, height_ratios=[3.4, 1.0])
-    ax_c, ax_s = sub[0].subplots(1, 2)
+    fig = Figure(figsize=tuple(ctx.opt("figsize", (15.5, 6.8))), layout="constrained")
+    sub = fig.subfigures(2, 1, height_ratios=[3.4, 1.2])
+    if r.sweep:
+        ax_c, ax_s, ax_w = sub[0].subplots(1, 3)
+    else:
+        ax_c, ax_s = sub[0].subplots(1, 2)
     ylabel = f"Held-out {r.opts['metric']} ({r.field})" + (f", {r.unit}" if r.unit else "")
     series = [("baseline", base, 0), ("equivariant", eq, 1)]
     for key, exp, i in series:
@@ -508,15 +684,33 @@ def efficiency_gap(ctx: FigureContext) -> Figure:
     if cm.value.size and cm.value[-1] > 0:
         for ax in (ax_c, ax_s):
             ax.axhline(cm.value[-1], color="0.4", ls=":", lw=1.0, label="baseline's final L_mean")
+    if r.sweep:  # the tuning sweep: a band (min-max over settings) per model, the chosen line
+        for key, exp, i in series:
+            sts = r.sweep[key]
+            common = np.array(sorted(set.intersection(*(set(s.step.tolist()) for s in sts))))
+            common = common[common > 0]
+            vals = np.array([s.total[np.searchsorted(s.step, common)] for s in sts])
+            color = ctx.color(exp, i)
+            ax_w.fill_between(common, vals.min(0), vals.max(0), color=color, alpha=0.2, lw=0,
+                              label=f"{ctx.label(exp)}: {len(sts)} settings (min-max)")  # fmt: skip
+            ch = next(s for s in sts if s.chosen)
+            ok = ch.step > 0
+            ax_w.plot(ch.step[ok], ch.total[ok], color=color,
+                      label=f"chosen: lr {ch.lr:g}, warm-up {ch.warmup_steps}")  # fmt: skip
+        split = str(pl.read_csv(_sweep_path(r.opts), n_rows=1).get_column("split")[0])
+        ax_w.set_title(f"Tuning sweep (lr x warm-up), {split} split")
+        ax_w.set_xlabel("Training step")
     ax_c.set_title(f"Loss vs compute ({r.opts['clock']} clock)")
-    ax_s.set_title("Loss vs steps — assumption (a)")
     ax_c.set_xlabel(r.device_unit)
     ax_s.set_xlabel("Training step")
-    for ax in (ax_c, ax_s):
+    for ax in (ax_c, ax_s, ax_w) if r.sweep else (ax_c, ax_s):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_ylabel(ylabel)
         ax.legend(loc="best", fontsize=8)
+    held_out = {key: info for key, info in ctx.runs.items() if key.startswith(f"{base}/")}
+    held_out = next(iter(held_out.values()), {}).get("eval_config", {}).get("split", "val")
+    ax_s.set_title(f"Loss vs steps ({held_out} split) — assumption (a)")
     n = r.numbers
     verdict = ""
     cv, cs = n["c"]["value"], n["c_star"]["value"]
@@ -530,13 +724,22 @@ def efficiency_gap(ctx: FigureContext) -> Figure:
         f"c = {_fmt(n['c'])}   (per-step cost ratio, seconds per training step from run.json)",
         f"p = {_fmt(n['p'])}   (share of {ctx.label(base)}'s loss from equivariance error; "
         f"{n['p']['method']})",
-        f"α = {_fmt(n['alpha'])}   (loss ∝ compute^-α; ± residual SE, [16-84 % bootstrap])",
+        f"α = {_fmt(n['alpha'])}   (loss ∝ compute^-α on the {r.fit['baseline']['window']}; "
+        "± residual SE, [16-84 % bootstrap])",
         f"c* = (1 - p)^(-1/α) = {_fmt(n['c_star'], 5)}   →  {verdict}  "
         f"(P(c < c*) = {_fmt({'value': n['equivariant_wins_probability']['value']}, 2)})",
         f"check (a): steps to reach L_mean / baseline steps = "
         f"{_fmt({**n['a_step_ratio'], 'se': None})};  measured compute ratio = "
         f"{_fmt({**n['measured_compute_ratio'], 'se': None})} vs predicted c/c* = "
         f"{_fmt({'value': n['predicted_compute_ratio']['value']})}",
+        *(
+            [
+                f"over the tuning sweep: c* = {_fmt(n['c_star_sweep'], 4)} (median [min, max] over "
+                f"the baseline's settings and α's interval); p = {_fmt(n['p_sweep'])}"
+            ]
+            if "c_star_sweep" in n
+            else []
+        ),  # fmt: skip
         "Assumptions: " + ASSUMPTIONS[0] + ";",
         "                     " + ASSUMPTIONS[1] + ".",
     ]

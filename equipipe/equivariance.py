@@ -39,8 +39,13 @@ class Decomposition:
         k: number of rotations per example.
         n_elements: number of (unmasked) target elements summed over.
         exhaustive: the rotations were a whole finite group (no finite-K correction).
-        moments: sums over added units (batches) of S_u^2, S_u n_u, n_u^2 for "total" and
-            "equiv_unbiased", giving a standard error of the per-element means over units.
+        n_units: number of independent units summed (examples when the decomposition was
+            built with ``n_examples``, else one per ``decomposition_from_predictions`` call).
+        moments: sums over units u of (S_u^2, S_u n_u, n_u^2) for "total" and
+            "equiv_unbiased" (S_u the unit's sum, n_u its element count), and of
+            (E_u^2, E_u T_u, T_u^2) for "pct" (E_u the unit's unbiased equivariance error, T_u
+            its total): the standard errors of the per-element means and of pct = ΣE/ΣT over
+            units (linearised ratio estimator, which keeps the covariance of E and T).
     """
 
     total: float
@@ -56,10 +61,11 @@ class Decomposition:
         if self.k < 2:
             raise ValueError(f"a decomposition needs K >= 2 rotations, got K={self.k}")
         if not self.moments:
-            n = float(self.n_elements)
+            n, t, e = float(self.n_elements), self.total, self.equiv_unbiased
             self.moments = {
-                "total": (self.total**2, self.total * n, n * n),
-                "equiv_unbiased": (self.equiv_unbiased**2, self.equiv_unbiased * n, n * n),
+                "total": (t * t, t * n, n * n),
+                "equiv_unbiased": (e * e, e * n, n * n),
+                "pct": (e * e, e * t, t * t),
             }
 
     @property
@@ -89,13 +95,17 @@ class Decomposition:
         }
 
     def standard_error(self, name: str) -> float:
-        """Standard error over units (added batches) of the per-element mean of ``name``."""
+        """Standard error over units of the per-element mean of ``name`` ("total",
+        "equiv_unbiased"), or of the fraction ``pct`` ("pct": E_unb / T as a ratio of sums)."""
         if self.n_units < 2 or self.n_elements == 0:
             return math.nan
         s2, sn, n2 = self.moments[name]
-        m = getattr(self, name) / self.n_elements
+        denom = self.total if name == "pct" else float(self.n_elements)
+        if denom <= 0:
+            return math.nan
+        m = getattr(self, name) if name == "pct" else getattr(self, name) / denom
         ss = max(s2 - 2 * m * sn + m * m * n2, 0.0)
-        return math.sqrt(self.n_units / (self.n_units - 1) * ss) / self.n_elements
+        return math.sqrt(self.n_units / (self.n_units - 1) * ss) / denom
 
     def __add__(self, other: Decomposition) -> Decomposition:
         if (self.k, self.exhaustive) != (other.k, other.exhaustive):
@@ -156,7 +166,12 @@ def decomposition_terms(
 
 
 def decomposition_from_predictions(
-    z: Tensor, y: Tensor, exhaustive: bool = False, mask: Tensor | None = None
+    z: Tensor,
+    y: Tensor,
+    exhaustive: bool = False,
+    mask: Tensor | None = None,
+    n_examples: int | None = None,
+    index: Tensor | None = None,
 ) -> Decomposition:
     """Decompose the squared error of K canonicalised predictions against a target.
 
@@ -166,13 +181,61 @@ def decomposition_from_predictions(
         exhaustive: True when the K rotations are a whole finite group (e.g. the 24
             octahedral rotations), so the plug-in values are exact.
         mask: optional bool mask broadcastable to ``shape`` from the left.
+        n_examples: B, the examples of the batch: with it, each example is a unit of the
+            standard errors (``shape[0] == B``, or a ragged leading dim with ``index``);
+            without it the whole call is one unit.
+        index: (shape[0],) example of each leading entry of a ragged batch (e.g. the atoms of
+            a force-field batch), or None.
 
     Returns:
         Decomposition with plug-in sums over elements (see the class).
     """
+    K = int(z.shape[0])
     with torch.no_grad():
-        t, m, e, n = decomposition_terms(z.double(), y.double(), mask)
-    return Decomposition(float(t), float(m), float(e), int(z.shape[0]), n, exhaustive)
+        z, y = z.double(), y.double()
+        t, m, e, n = decomposition_terms(z, y, mask)
+        units = _unit_sums(z, y, mask, n_examples, index)
+    d = Decomposition(float(t), float(m), float(e), K, n, exhaustive)
+    if units is None:
+        return d
+    tu, eu, nu = units
+    if not exhaustive:
+        eu = eu * (K / (K - 1))
+    d.n_units = int(tu.numel())
+    d.moments = {
+        "total": (float((tu * tu).sum()), float((tu * nu).sum()), float((nu * nu).sum())),
+        "equiv_unbiased": (float((eu * eu).sum()), float((eu * nu).sum()), float((nu * nu).sum())),
+        "pct": (float((eu * eu).sum()), float((eu * tu).sum()), float((tu * tu).sum())),
+    }
+    return d
+
+
+def _unit_sums(
+    z: Tensor, y: Tensor, mask: Tensor | None, n_examples: int | None, index: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Per-example (T_u, E_u, n_u) (each (B,) float64: total and plug-in equivariance sums and
+    element counts), or None when the examples cannot be told apart (one unit)."""
+    if n_examples is None or y.dim() == 0:
+        return None
+    lead = y.shape[0]
+    if index is None and lead != n_examples:
+        return None
+    if index is not None and index.shape[0] != lead:
+        return None
+    zbar = z.mean(0)
+    total_el = (y.unsqueeze(0) - z).pow(2).mean(0)
+    equiv_el = (z - zbar.unsqueeze(0)).pow(2).mean(0)
+    w = broadcast_mask(mask, y)
+    w = torch.ones_like(y) if w is None else w.to(y.dtype)
+    per = [(a * w).reshape(lead, -1).sum(1) for a in (total_el, equiv_el, w)]
+    if index is None:
+        return per[0], per[1], per[2]
+    idx = index.to(torch.long).to(y.device)
+    out = []
+    for v in per:
+        acc = torch.zeros(n_examples, dtype=v.dtype, device=v.device)
+        out.append(acc.index_add_(0, idx, v))
+    return out[0], out[1], out[2]
 
 
 def _resolve_strategy(device_strategy: str, batch: Batch) -> str:
@@ -320,8 +383,17 @@ def _decompositions(task, batch, z, y, R, exhaustive, record) -> dict[str, Decom
     masks = task.element_mask(batch) or {}
     if record is not None:
         record.update(z=z, R=R, masks=masks)
+    B = task.num_examples(batch)
+    index = batch.get("batch") if isinstance(batch, dict) else None  # ragged: example of entry
     return {
-        f: decomposition_from_predictions(z[f], y[f], exhaustive, masks.get(f))
+        f: decomposition_from_predictions(
+            z[f],
+            y[f],
+            exhaustive,
+            masks.get(f),
+            B,
+            index if y[f].dim() and y[f].shape[0] != B else None,
+        )
         for f in task.fields
         if f in z
     }

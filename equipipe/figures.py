@@ -6,7 +6,7 @@ Entry point::
 
 * ``spec``: ``{"kind": str, "experiments": [names], "style": {...}, "caption": str}``
   (the caption goes to the report, it is not drawn);
-* ``metrics``: the collected table (``results/metrics_all.parquet``; CONTRACTS.md columns plus
+* ``metrics``: the collected table (``results/metrics_all.parquet``; ``equipipe.metrics`` columns plus
   ``experiment, seed, task, model, size``);
 * ``runs``: run.json contents keyed ``"<experiment>/<seed>"`` (``equipipe.collect.load_runs``);
 * ``out_prefix``: writes ``<out_prefix>.png``, ``.pdf`` and ``.svg``;
@@ -44,6 +44,7 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from scipy import stats
 
+from equipipe import figures_bands as bands
 from equipipe.collect import pct_scale
 from equipipe.smoothing import dip as find_dip
 from equipipe.smoothing import ema
@@ -64,6 +65,8 @@ PLUGIN_MODULES: tuple[str, ...] = (
     "equipipe.efficiency",
     "equipipe.figures_md",
     "equipipe.figures_spectrum",
+    "equipipe.figures_decay",
+    "equipipe.figures_slq",
 )
 
 KindFn = Callable[["FigureContext"], Figure]
@@ -505,6 +508,7 @@ def _plot_pct(ctx: FigureContext, ax, *, group: str, mark_dip: bool, logx: bool,
     if group == "auto":
         group = "seed" if len(exps) == 1 and len(splits) == 1 else "experiment"
     dips = []
+    band_drawn = False
     for i, exp in enumerate(exps):
         for j, split in enumerate(splits):
             df = ctx.rows(exp, "pct", split=split, strict_split=len(splits) > 1)
@@ -530,27 +534,37 @@ def _plot_pct(ctx: FigureContext, ax, *, group: str, mark_dip: bool, logx: bool,
             if len(exps) == 1 and len(splits) > 1:
                 name = split_labels.get(split, split)
             ls = LINESTYLES[j % len(LINESTYLES)]
+            se_rows = ctx.rows(exp, "pct_se", split=split, strict_split=len(splits) > 1)
+            se_tab = bands.pct_se_by_seed(se_rows, t_sel)  # ±1 SE band (figures_bands)
             if group == "seed":
                 for k, (seed, x, y) in enumerate(_seed_curves(df)):
+                    se = bands.se_at(se_tab, x, seed) * scale
+                    lo, hi = bands.band_edges(x, y * scale, se, s)
                     y = ema(x, y * scale, s)
-                    x, (y,) = _clip(x, [y], ctx, logx=logx, logy=logy)
-                    ax.plot(
-                        x, y, color=PALETTE[k % len(PALETTE)], ls=ls, label=f"{name} · seed {seed}"
-                    )
+                    x, (y, lo, hi) = _clip(x, [y, lo, hi], ctx, logx=logx, logy=logy)
+                    color = PALETTE[k % len(PALETTE)]
+                    ax.plot(x, y, color=color, ls=ls, label=f"{name} · seed {seed}")
+                    band_drawn |= bands.fill_band(ax, x, y, lo, hi, color, logy=logy)
                 agg = _over_seeds(df)
             else:
                 agg = _over_seeds(df)
                 x = agg.get_column("step").to_numpy()
+                se = bands.se_at(se_tab, x) * scale
+                slo, shi = bands.band_edges(x, agg.get_column("mean").to_numpy() * scale, se, s)
                 y, lo, hi = (
                     ema(x, agg.get_column(c).to_numpy() * scale, s) for c in ("mean", "lo", "hi")
                 )
-                x, (y, lo, hi) = _clip(x, [y, lo, hi], ctx, logx=logx, logy=logy)
+                x, (y, lo, hi, slo, shi) = _clip(
+                    x, [y, lo, hi, slo, shi], ctx, logx=logx, logy=logy
+                )
                 color = ctx.color(exp, i) if len(exps) > 1 or len(splits) == 1 else PALETTE[j]
                 nseeds = int(agg.get_column("n").max())
-                lab = name + (f" (mean of {nseeds} seeds, range shaded)" if nseeds > 1 else "")
+                lab = name + (f" (mean of {nseeds} seeds, range dotted)" if nseeds > 1 else "")
                 ax.plot(x, y, color=color, ls=ls, label=lab)
+                band_drawn |= bands.fill_band(ax, x, y, slo, shi, color, logy=logy)
                 if nseeds > 1:
-                    ax.fill_between(x, lo, hi, color=color, alpha=0.2, lw=0)
+                    for edge in (lo, hi):
+                        ax.plot(x, edge, color=color, ls=":", lw=0.8, alpha=0.7)
             if mark_dip:
                 xs = agg.get_column("step").to_numpy()
                 ys = agg.get_column("mean").to_numpy() * scale
@@ -563,9 +577,11 @@ def _plot_pct(ctx: FigureContext, ax, *, group: str, mark_dip: bool, logx: bool,
                     [dstep], [dval], marker="v", ms=7, color=color, mec="white", ls="none", zorder=5
                 )
                 dips.append((dstep, dval, color))
-            # interpolation floor (voxel Haar mode) where measured
+            # resampling floor (voxel continuous mode) where measured: floor_share is the
+            # floor's per-voxel equivariance error over THIS model's total at each evaluation,
+            # so it is in the same units as the pct curve (never a pct of another predictor)
             if ctx.opt("floor", True):
-                fl = ctx.rows(exp, "floor_pct", split=split, strict_split=True)
+                fl = ctx.rows(exp, "floor_share", split=split, strict_split=True)
                 if fl.height:
                     fa = _over_seeds(fl)
                     fx, fy = (
@@ -573,12 +589,15 @@ def _plot_pct(ctx: FigureContext, ax, *, group: str, mark_dip: bool, logx: bool,
                         fa.get_column("mean").to_numpy() * ctx.pct_scale(fl),
                     )
                     fcol = "0.45" if len(exps) == 1 else ctx.color(exp, i)
-                    flab = "interpolation floor" + (f" · {ctx.label(exp)}" if len(exps) > 1 else "")
+                    flab = "resampling floor" + (f" · {ctx.label(exp)}" if len(exps) > 1 else "")
                     if fx.size == 1:
                         ax.axhline(fy[0], color=fcol, ls=(0, (1, 1.5)), lw=1.2, label=flab)
                     else:
                         fx, (fy,) = _clip(fx, [fy], ctx, logx=logx, logy=logy)
                         ax.plot(fx, fy, color=fcol, ls=(0, (1, 1.5)), lw=1.2, label=flab)
+    if band_drawn:
+        ax.text(0.99, 0.01, bands.BAND_NOTE, transform=ax.transAxes, ha="right", va="bottom",
+                fontsize=7.5, color="0.35")  # fmt: skip
     if dips and ctx.style.get("ymin") is None:
         _room_below(ax, min(d[1] for d in dips), frac=0.05 + 0.05 * len(dips), log=logy)
     for k, (dstep, dval, color) in enumerate(dips):
@@ -624,7 +643,7 @@ def pct_vs_step(ctx: FigureContext) -> Figure:
     (a split or a list, e.g. [val_octahedral, val_haar] for voxels: one line style each),
     ``t`` (flow time to show; default: mean over t), ``smooth`` (EMA scale s; default raw),
     ``epoch_marker`` (bool), ``epoch_label`` ("One epoch"), ``floor`` (draw metric
-    ``floor_pct`` where present; default true), ``dip`` (mark dips; default false),
+    ``floor_share`` where present; default true), ``dip`` (mark dips; default false),
     ``dip_window``, ``dip_s``, ``split_labels``, plus the common keys (xscale/yscale default
     linear).
     """
@@ -802,9 +821,15 @@ def pct_per_t(ctx: FigureContext) -> Figure:
             x = agg.get_column("step").to_numpy()
             y = agg.get_column("mean").to_numpy() * scale
             ys = ema(x, y, s)
-            xx, (yr, ysm) = _clip(x, [y, ys], ctx, logx=logx, logy=logy)
+            se_tab = bands.pct_se_by_seed(ctx.rows(exp, "pct_se"), t)  # ±1 SE around raw
+            lo, hi = bands.band_edges(x, y, bands.se_at(se_tab, x) * scale, None)
+            xx, (yr, ysm, lo, hi) = _clip(x, [y, ys, lo, hi], ctx, logx=logx, logy=logy)
             ax.plot(xx, yr, color=colors[t], alpha=0.25, lw=0.8)
             ax.plot(xx, ysm, color=colors[t], lw=1.6, label=_t_label(t))
+            banded = bands.fill_band(ax, xx, yr, lo, hi, colors[t], logy=logy, alpha=0.1)
+            if banded and t == ts[-1]:
+                ax.text(0.99, 0.01, bands.BAND_NOTE + " (raw curve)", transform=ax.transAxes,
+                        ha="right", va="bottom", fontsize=7, color="0.35")  # fmt: skip
             if xx.size:
                 xmax_seen = max(xmax_seen, float(xx.max()))
         shade = ctx.style.get("shade_after")

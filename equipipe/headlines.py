@@ -11,9 +11,10 @@ and flow time ``t`` of the primary field's pct (the rows of ``results/paper_comp
 * ``final_error``, ``final_error_se``: the primary field's total squared error (``total``,
   per element, in ``error_unit``) at the last evaluation and its standard error.
 
-The pct standard error propagates the standard errors of its numerator and denominator
-(``equiv_se``, ``total_se``: over evaluation batches) to first order, ignoring their
-covariance: ``se(E/T) = sqrt((se_E / T)^2 + (E se_T / T^2)^2)``. With one evaluation batch the
+The pct standard error is the logged ``pct_se`` (over examples, linearised ratio estimator).
+For tables without it, it propagates the standard errors of its numerator and denominator
+(``equiv_se``, ``total_se``) to first order, ignoring their covariance:
+``se(E/T) = sqrt((se_E / T)^2 + (E se_T / T^2)^2)``. With one evaluation unit the
 standard errors are NaN. An experiment's value is the mean over seeds; its standard error is
 ``sqrt(sum se_i^2) / n``, or the seeds' spread ``std / sqrt(n)`` when that is larger.
 """
@@ -63,7 +64,11 @@ def _at(df: pl.DataFrame, step, metric: str) -> float:
 
 
 def _pct_se(df: pl.DataFrame, step) -> float:
-    """Standard error of pct (in percent) at ``step`` from equiv_unbiased / total and their SEs."""
+    """Standard error of pct (in percent) at ``step``: the logged ``pct_se`` (over examples,
+    with the covariance of E and T), else from equiv_unbiased / total and their SEs."""
+    logged = _at(df, step, "pct_se")
+    if not math.isnan(logged):
+        return 100.0 * logged
     e, t = _at(df, step, "equiv_unbiased"), _at(df, step, "total")
     se_e, se_t = _at(df, step, "equiv_se"), _at(df, step, "total_se")
     if not t:
@@ -71,11 +76,11 @@ def _pct_se(df: pl.DataFrame, step) -> float:
     return 100.0 * math.sqrt((se_e / t) ** 2 + (e * se_t / t**2) ** 2)
 
 
-def _run_headlines(run_dir: Path) -> list[dict]:
+def _run_headlines(run_dir: Path, dip_windows: dict | None = None) -> list[dict]:
     info = read_run(run_dir)
     df = read_metrics(run_dir, info)
     rows = []
-    for r in _run_rows(df, info, None, DEFAULT_S, 1):
+    for r in _run_rows(df, info, None, DEFAULT_S, 1, dip_windows):
         cond = (pl.col("split") == r["split"]) & (
             pl.col("t").is_null() if r["t"] is None else pl.col("t") == r["t"]
         )
@@ -121,9 +126,10 @@ def _combine(values: list[float], ses: list[float]) -> tuple[float, float]:
     return mean, se
 
 
-def headline_table(run_dirs: Sequence[Path]) -> pl.DataFrame:
-    """Run-level and experiment-level headline rows (``HEADLINE_SCHEMA``)."""
-    runs = [r for d in run_dirs for r in _run_headlines(Path(d))]
+def headline_table(run_dirs: Sequence[Path], dip_windows: dict | None = None) -> pl.DataFrame:
+    """Run-level and experiment-level headline rows (``HEADLINE_SCHEMA``); ``dip_windows`` as
+    for ``equipipe.collect.collect`` (experiment -> [lo, hi] steps)."""
+    runs = [r for d in run_dirs for r in _run_headlines(Path(d), dip_windows)]
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault((r["experiment"], r["split"], r["field"], r["t"]), []).append(r)
@@ -154,9 +160,11 @@ def _order(r: dict) -> tuple:
     return (r["experiment"], r["split"] or "", r["field"] or "", r["t"] or -1.0, r["seed"] or -1)
 
 
-def write_headlines(run_dirs: Sequence[Path], out: Path) -> pl.DataFrame:
+def write_headlines(
+    run_dirs: Sequence[Path], out: Path, dip_windows: dict | None = None
+) -> pl.DataFrame:
     """Write ``headlines.csv`` (``out``) and return the table."""
-    table = headline_table(run_dirs)
+    table = headline_table(run_dirs, dip_windows)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     table.write_csv(out, float_precision=None)
     return table

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import torch
 
 from equipipe.store import Store
 from equipipe.tasks.base import Batch, Task
@@ -98,9 +97,3 @@ class RunData:
             rows = self.val_rows[a : a + batch_size]
             out.append(task.collate([self.store.get(int(r)) for r in rows]))
         return out
-
-
-def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
-    """A CPU generator that depends only on (seed, step, stream): resumable randomness."""
-    state = np.random.SeedSequence([seed, step, stream]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) % (2**62))

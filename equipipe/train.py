@@ -13,17 +13,17 @@ evaluation rotations, so its metric table and weights equal an uninterrupted run
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
+import logging
 import math
 import platform
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
+from itertools import takewhile
 from pathlib import Path
 from typing import Any, cast
 
@@ -35,57 +35,27 @@ from equipipe import __version__
 from equipipe import distributed as ddp
 from equipipe.checkpoint import atomic_save, rng_state, set_rng_state
 from equipipe.equivariance import Decomposition, evaluate_view, head_deviation, no_grad
-from equipipe.loader import RunData, step_generator
+from equipipe.loader import RunData
 from equipipe.metrics import METRICS_SCHEMA as METRIC_SCHEMA
 from equipipe.metrics import METRICS_SCHEMA_VERSION
 from equipipe.models import interface
 from equipipe.models.registry import param_count
-from equipipe.so3 import haar_rotations
+from equipipe.progress import TensorBoardSink, progress_line
 from equipipe.spectrum_probe import SpectrumProbe, probe_layers, spectrum_due
 from equipipe.tasks import make_task
 from equipipe.tasks.base import Batch, Task, to_device
 from equipipe.timing import EVAL_PARTS, Timer
+from equipipe.train_step import (
+    EMA,
+    NonFiniteLoss,
+    TrainConfig,
+    check_keys,
+    lr_at,
+    make_optimizer,
+    train_step,
+)
 
-
-@dataclass
-class TrainConfig:
-    """Training recipe (the ``train`` block of a task or experiment in the config)."""
-
-    steps: int = 1000
-    batch_size: int = 16
-    optimizer: str = "adamw"  # adamw | adam | sgd
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    momentum: float = 0.0
-    schedule: str = "constant"  # constant | cosine
-    warmup_steps: int = 0
-    lr_floor: float = 0.5  # cosine floor as a fraction of the peak lr
-    grad_clip: float | None = None
-    ema: float | None = 0.999
-    ema_warmup: bool = True
-    augment_prob: float = 0.0
-    accumulate: int = 1
-    threads: int = 1
-    device: str = "auto"  # auto | cpu | cuda
-    bf16: bool = True  # autocast on CUDA only
-    compile: bool = False
-    sample_per_cluster: bool = False  # one random example per store key each epoch (Proteina)
-    checkpoint_every: int = 200
-    analysis_step: int = 500
-    keep_steps: list[int] = field(default_factory=list)  # named checkpoints/step<N>.pt
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown train keys {sorted(unknown)}; allowed: {sorted(known)}")
-        d = dict(d)
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
-        return cls(**d)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -111,10 +81,7 @@ class EvalConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EvalConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown eval keys {sorted(unknown)}; allowed: {sorted(known)}")
+        check_keys(cls, d, "eval")
         return cls(**d)
 
 
@@ -125,81 +92,10 @@ def eval_steps(total: int, every: int, early: list[int]) -> list[int]:
     return sorted(steps)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of step ``step``: linear warm-up, then constant or cosine to the floor."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return cfg.lr
-    if cfg.schedule == "cosine":
-        span = max(cfg.steps - cfg.warmup_steps, 1)
-        frac = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
-        floor = cfg.lr_floor * cfg.lr
-        return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * frac))
-    raise ValueError(f"schedule={cfg.schedule!r}; allowed: 'constant', 'cosine'")
-
-
-def _adam_eps(eps: float) -> float:
-    """``eps: 0`` (VoxMol's AdamW) as the smallest normal float instead of 0.
-
-    With eps exactly 0, torch divides 0/0 for every element whose gradient has been exactly 0
-    so far (a NaN parameter at step 1, seen on the miniature paper grid). The smallest normal
-    float32 leaves every other update unchanged and gives those elements no update.
-    """
-    return eps if eps > 0 else float(torch.finfo(torch.float32).tiny)
-
-
-def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    adam = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}.get(cfg.optimizer)
-    if adam is not None:
-        return adam(
-            params,
-            lr=cfg.lr,
-            betas=cfg.betas,
-            eps=_adam_eps(cfg.eps),
-            weight_decay=cfg.weight_decay,
-        )
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-    raise ValueError(f"optimizer={cfg.optimizer!r}; allowed: 'adamw', 'adam', 'sgd'")
-
-
-class EMA:
-    """Exponential moving average of the weights, with the usual warm-up (1+n)/(10+n)."""
-
-    def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
-        self.decay, self.warmup, self.updates = decay, warmup, 0
-        self.model = copy.deepcopy(model).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
-        for e, p in zip(self.model.state_dict().values(), model.state_dict().values()):
-            if e.dtype.is_floating_point:
-                e.mul_(d).add_(p.detach(), alpha=1 - d)
-            else:
-                e.copy_(p)
-
-
 def choose_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def augment_rotations(task: Task, batch: Batch, prob: float, generator: torch.Generator) -> Batch:
-    """Rotate each example by a Haar rotation with probability ``prob`` (identity otherwise)."""
-    B = task.num_examples(batch)
-    R = haar_rotations(B, generator)
-    keep = torch.rand(B, generator=generator) >= prob
-    R[keep] = torch.eye(3)
-    device = next(iter(batch.values())).device
-    return task.rotate(batch, R.to(device))
 
 
 class Stop(Exception):
@@ -247,11 +143,14 @@ class Trainer:
             for b in self.data.val_batches(self.task, self.ecfg.batch_size)
         ]
         self.rows: list[dict[str, Any]] = []
+        # (split, t, field) -> the step-0 resampling floor per element (log_interpolation_floor)
+        self.floors: dict[tuple[str, float | None, str], float] = {}
         self.step = 0
         self.train_seconds = 0.0
         self.wall0 = time.perf_counter()
         self.wall_offset = 0.0
         self._stop_signal: int | None = None
+        self._tensorboard: TensorBoardSink | None = None
         wrapped = ddp.wrap(self.model)
         # torch.compile returns an OptimizedModule (an nn.Module) typed as a plain callable
         self.forward_model: nn.Module = (
@@ -262,7 +161,10 @@ class Trainer:
     # --- checkpointing --------------------------------------------------------------
 
     def spec_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.spec, sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of the spec, less ``train.tensorboard`` (watching a run changes no number)."""
+        train = {k: v for k, v in self.spec.get("train", {}).items() if k != "tensorboard"}
+        spec = {**self.spec, "train": train} if "train" in self.spec else self.spec
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
     def save_checkpoint(self) -> None:
         """Model, optimiser, EMA, metric rows and random states as ONE atomically replaced file.
@@ -298,10 +200,8 @@ class Trainer:
             return False
         state = torch.load(ckpt, map_location=self.device, weights_only=True)
         if state["spec_hash"] != self.spec_hash() or "metrics" not in state:
-            print(
-                f"[train] {ckpt} belongs to another configuration (or an older equipipe); "
-                "starting afresh",
-                file=sys.stderr,
+            log.warning(
+                "%s belongs to another configuration (or an older equipipe); starting afresh", ckpt
             )
             shutil.rmtree(self.work)
             return False
@@ -316,8 +216,13 @@ class Trainer:
         for name, v in (state.get("timing") or {}).items():  # earlier processes' seconds
             self.timer.add(name, float(v))
         self.rows = pl.DataFrame(state["metrics"], schema=METRIC_SCHEMA).to_dicts()
+        self.floors = {
+            (r["split"], r["t"], r["field"]): r["value"]
+            for r in self.rows
+            if r["metric"] == "floor_equiv"
+        }
         set_rng_state(state["rng"], self.device)
-        print(f"[train] resumed from step {self.step} ({ckpt})", file=sys.stderr)
+        log.info("resumed from step %d (%s)", self.step, ckpt)
         return True
 
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
@@ -343,6 +248,7 @@ class Trainer:
         self._row(split, "pct", d.pct, f, t, d.n_elements, "fraction")
         self._row(split, "total_se", d.standard_error("total"), f, t, d.n_elements, unit)
         self._row(split, "equiv_se", d.standard_error("equiv_unbiased"), f, t, d.n_elements, unit)
+        self._row(split, "pct_se", d.standard_error("pct"), f, t, d.n_elements, "fraction")
 
     @staticmethod
     def _split_and_t(labels: dict, base: str = "val") -> tuple[str, float | None]:
@@ -410,9 +316,17 @@ class Trainer:
                         grad_rows.setdefault((split, t, name), []).append(v)
         with timer("eval_spectrum"):
             spec_rows = spec.rows(self.task.units) if spec else []
+        if self.step == 0:
+            with timer("eval_floor"):
+                self.log_interpolation_floor()
         t_log = time.perf_counter()
         for (split, t, f), d in decs.items():
             self._log_decomposition(split, f, t, d)
+            floor = self.floors.get((split, t, f))
+            if floor is not None:  # the resampling floor as a share of this model's own total
+                total = d.per_element()["total"]
+                share = floor / total if total > 0 else math.nan
+                self._row(split, "floor_share", share, f, t, d.n_elements, "fraction")
         for row in spec_rows:
             self._row(**row)
         for table in (acc, ema_acc):
@@ -425,9 +339,6 @@ class Trainer:
         if head is not None:
             self._row("val", "head_deviation", head_deviation(head.weight))
         timer.add("eval_logging", time.perf_counter() - t_log)
-        if self.step == 0:
-            with timer("eval_floor"):
-                self.log_interpolation_floor()
         model.train(was_training)
 
     def _spectrum_probe(self) -> SpectrumProbe | None:
@@ -442,10 +353,13 @@ class Trainer:
         )
 
     def log_interpolation_floor(self) -> None:
-        """Resampling floor of continuous-rotation grid evaluation, logged once (model-free).
+        """Resampling floor of continuous-rotation grid evaluation, measured once (model-free).
 
         An isotropic blur is exactly equivariant in the continuum, so the equivariance error the
-        same Haar evaluation reports for it is interpolation error: the reference line for pct.
+        same Haar evaluation reports for it is resampling error. Logged in absolute units
+        (``floor_equiv``, per voxel, like the model's ``equiv_unbiased``) and kept in
+        ``self.floors``, from which every evaluation logs ``floor_share`` = floor_equiv / the
+        model's own total (the same denominator as the model's pct).
         """
         gen = torch.Generator().manual_seed(self.ecfg.seed)
         floors: dict[tuple[str, float | None, str], Decomposition] = {}
@@ -458,52 +372,35 @@ class Trainer:
                     key = (split, t, f)
                     floors[key] = floors[key] + d if key in floors else d
         for (split, t, f), d in floors.items():
-            self._row(split, "floor_pct", d.pct, f, t, d.n_elements, "fraction")
             per_element, unit = d.per_element(), self.task.units.get(f)
+            self.floors[(split, t, f)] = per_element["equiv_unbiased"]
             for metric, term in (("floor_equiv", "equiv_unbiased"), ("floor_total", "total")):
                 self._row(split, metric, per_element[term], f, t, d.n_elements, unit)
 
     # --- training -------------------------------------------------------------------
 
     def train_step(self) -> float:
+        """One optimiser step (:func:`equipipe.train_step.train_step`) on this step's batches."""
         cfg = self.tcfg
-        for g in self.opt.param_groups:
-            g["lr"] = lr_at(self.step, cfg)
-        self.opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for micro in range(cfg.accumulate):
-            gen = step_generator(self.seed, self.step, micro + 1000 * self.rank)
+
+        def micro_batch(micro: int) -> tuple[Batch, float]:
             examples = self.data.train_examples(self.step * cfg.accumulate + micro)
             local = ddp.shard(examples, self.rank, self.world)
             weight = ddp.local_weight(len(local), len(examples), self.world)
             if len(local) == 0:  # batch smaller than the world: join the all-reduce at weight 0
                 local, weight = examples[:1], 0.0
-            batch = to_device(self.task.collate(list(local)), self.device)
-            if cfg.augment_prob > 0:
-                batch = augment_rotations(self.task, batch, cfg.augment_prob, gen)
-            batch = self.task.augment(batch, gen)
-            use_bf16 = cfg.bf16 and self.device.type == "cuda"
-            last = micro == cfg.accumulate - 1
-            with ddp.no_sync(self.forward_model, sync=last):
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-                    batch = self.task.prepare_train(self.forward_model, batch, gen)
-                    pred = self.task.predict(self.forward_model, batch)
-                    loss = self.task.loss(pred, batch) * weight / cfg.accumulate
-                # every rank stops together (a lone rank raising would hang the others)
-                if ddp.agree_max(int(not torch.isfinite(loss))):
-                    self.save_checkpoint()
-                    raise FloatingPointError(
-                        f"non-finite training loss at step {self.step}; checkpoint saved in "
-                        f"{self.work}. Lower the learning rate or enable grad_clip, then rerun."
-                    )
-                loss.backward()
-            total += float(ddp.all_reduce_mean(loss.detach()))  # the global batch's mean loss
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.opt.step()
-        if self.ema:
-            self.ema.update(self.model)
-        return total
+            return to_device(self.task.collate(list(local)), self.device), weight
+
+        try:
+            return train_step(self.model, self.task, self.opt, self.ema, cfg, self.step,
+                              self.seed, micro_batch, forward_model=self.forward_model,
+                              rank=self.rank)  # fmt: skip
+        except NonFiniteLoss:
+            self.save_checkpoint()
+            raise FloatingPointError(
+                f"non-finite training loss at step {self.step}; checkpoint saved in "
+                f"{self.work}. Lower the learning rate or enable grad_clip, then rerun."
+            ) from None
 
     def run(self) -> None:
         self.try_resume()
@@ -512,12 +409,10 @@ class Trainer:
         evals = set(eval_steps(cfg.steps, self.ecfg.every, self.ecfg.early))
         early_path = self.work / "early.pt"
         try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{self.spec.get('experiment', 'run')} seed{self.seed}",
-                       file=sys.stderr, mininterval=5, disable=None)  # fmt: skip
+            self._start_watching()
             if self.step == 0 and not self.rows and ddp.is_main():
                 self.evaluate()
+                self._report_evaluation()
             ddp.barrier()
             while self.step < cfg.steps:
                 agreed = ddp.agree_max(self._stop_signal or 0)  # all ranks stop at the same step
@@ -529,7 +424,6 @@ class Trainer:
                 loss = self.train_step()
                 self.train_seconds += time.perf_counter() - t0
                 self.step += 1
-                bar.update(1)
                 if self.step % 10 == 0 or self.step in evals:
                     self._row("train", "train_loss", loss)
                     self._row("train", "lr", lr_at(self.step - 1, cfg))
@@ -544,19 +438,48 @@ class Trainer:
                 if self.step in evals:
                     if ddp.is_main():
                         self.evaluate()
+                        self._report_evaluation()
                     ddp.barrier()
+                self._write_tensorboard()
                 if self.step % cfg.checkpoint_every == 0 or self.step in evals:
                     self.save_checkpoint()
-            bar.close()
         except Stop:
             self.save_checkpoint()
-            print(f"[train] signal {self._stop_signal}: checkpoint at step {self.step} in {self.work}; "
-                  "rerun (snakemake --rerun-incomplete) to continue", file=sys.stderr)  # fmt: skip
+            log.warning("signal %s: checkpoint at step %d in %s; rerun (snakemake "
+                        "--rerun-incomplete) to continue", self._stop_signal, self.step, self.work)  # fmt: skip
             raise SystemExit(128 + int(self._stop_signal or 0)) from None
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+            if self._tensorboard is not None:
+                self._tensorboard.close()
         self.finish(early_path)
+
+    # --- watching the run: one log line per evaluation, TensorBoard --------------------
+
+    def _start_watching(self) -> None:
+        """The clock of the steps/s and ETA, and TensorBoard's writer when it is on."""
+        self._watch_t0, self._watch_step0 = time.perf_counter(), self.step
+        self._rows_written = len(self.rows)  # rows of earlier processes are in their files
+        if self.tcfg.tensorboard and ddp.is_main():
+            self._tensorboard = TensorBoardSink(self.out, purge_step=self.step)
+
+    def _report_evaluation(self) -> None:
+        """One INFO line for this evaluation (``equipipe.progress.progress_line``)."""
+        done = self.step - self._watch_step0
+        elapsed = time.perf_counter() - self._watch_t0
+        rate = done / elapsed if done > 0 and elapsed > 0 else None
+        rows = list(takewhile(lambda r: r["step"] == self.step, reversed(self.rows)))[::-1]
+        log.info(progress_line(self.step, self.tcfg.steps, rows, self.task.primary_field, rate))
+        self._write_tensorboard()
+
+    def _write_tensorboard(self) -> None:
+        """The metric rows logged since the last call, as TensorBoard scalars (when on)."""
+        if self._tensorboard is None or len(self.rows) == self._rows_written:
+            return
+        with self.timer("io"):
+            self._tensorboard.write(self.rows[self._rows_written :])
+        self._rows_written = len(self.rows)
 
     def finish(self, early_path: Path) -> None:
         if not ddp.is_main():

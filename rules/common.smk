@@ -1,6 +1,7 @@
 # Config validation (first thing) and input functions. Imports nothing heavy: the paper grid
 # must plan in under 5 s.
 import json
+import os
 
 from equipipe import config as eqcfg
 from equipipe.data.dataset_block import step_block
@@ -129,7 +130,7 @@ def analysis_inputs(wildcards):
         names = ("metrics.parquet", "run.json", "model.pt", "checkpoints")
         return {"runs": run_files(a.get("experiments") or [a["experiment"]], names)}
     if a.get("experiments"):
-        return {"runs": run_files(a["experiments"])}
+        return {"runs": run_files(a["experiments"]), **sweep_input(a.get("spec"))}
     d = run_dir(a["experiment"], a["seed"])
     return {"info": f"{d}/run.json", "weights": f"{d}/{a['checkpoint']}"}
 
@@ -150,6 +151,11 @@ def analysis_spec(wildcards):
     return param_file(json.dumps({**a["spec"], **extra}, sort_keys=True))
 
 
+def dip_windows():
+    """experiment -> [lo, hi] steps of the dip search, for collect and headlines."""
+    return param_file(json.dumps(eqcfg.dip_windows(config), sort_keys=True))
+
+
 def figure_of(wildcards):
     return config["figures"][wildcards.figure]
 
@@ -159,7 +165,19 @@ def figure_inputs(wildcards):
     return {
         "runs": run_files(f["experiments"]),
         "analyses": [f"results/analysis/{a}" for a in f["analyses"]],
+        **sweep_input(f.get("style")),
     }
+
+
+def sweep_input(spec):
+    """The efficiency gap's committed tuning-sweep summary (``sweep``), found in the working
+    directory or else in the repository (as equipipe.tuning.repo_path finds it)."""
+    path = (spec or {}).get("sweep")
+    if not path:
+        return {}
+    if os.path.isabs(path) or os.path.exists(path):
+        return {"sweep": path}
+    return {"sweep": os.path.join(os.path.dirname(workflow.basedir), path)}
 
 
 def figure_spec(wildcards):

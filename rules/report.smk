@@ -91,5 +91,7 @@ rule headlines:
         "../envs/figures.yaml"
     params:
         runs=" ".join(run_dirs(config["experiments"])),
+        windows=dip_windows(),
     shell:
-        "equipipe headlines --runs {params.runs} --out {output} 2> {log}"
+        "equipipe headlines --runs {params.runs} --out {output} "
+        "--dip-windows {params.windows:q} 2> {log}"

@@ -49,6 +49,7 @@ rule collect:
         "../envs/train.yaml"
     params:
         runs=" ".join(run_dirs(config["experiments"])),
+        windows=dip_windows(),
     shell:
         "equipipe collect --runs {params.runs} --out-metrics {output.metrics} "
-        "--out-comparison {output.comparison} 2> {log}"
+        "--out-comparison {output.comparison} --dip-windows {params.windows:q} 2> {log}"

@@ -170,7 +170,8 @@ def run_dags(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def escaip_setup():
-    """``escaip_setup(B=3, n_batches=2, dtype=float32, energy_mean=0.0, energy_std=1.0)``: a
+    """``escaip_setup(B=3, n_batches=2, dtype=float32, energy_mean=0.0, energy_std=1.0,
+    hidden=12)``: a
     fitted-looking force-field task, a one-layer EScAIP-like model (eval mode, seeded) and
     ``n_batches`` random batches of B molecules with 4-6 atoms (seeded per batch)."""
     import torch
@@ -178,14 +179,14 @@ def escaip_setup():
     from equipipe.models.escaip import build
     from equipipe.tasks.forcefield import ForceFieldTask
 
-    def make(B=3, n_batches=2, dtype=torch.float32, energy_mean=0.0, energy_std=1.0):
+    def make(B=3, n_batches=2, dtype=torch.float32, energy_mean=0.0, energy_std=1.0, hidden=12):
         task = ForceFieldTask({"energy_reference": "none"})
         task.set_state({"energy_reference": "none", "element_energy": {},
                         "energy_mean": energy_mean, "energy_std": energy_std,
                         "force_std": 1.3})  # fmt: skip
         torch.manual_seed(0)
         model = build(
-            "tiny", hidden=12, n_heads=2, n_rbf=8, max_neighbors=5, cutoff=5.0, n_layers=1
+            "tiny", hidden=hidden, n_heads=2, n_rbf=8, max_neighbors=5, cutoff=5.0, n_layers=1
         )
         batches = []
         for s in range(n_batches):

@@ -201,3 +201,41 @@ def test_collect_errors(tmp_path):
 def test_pct_scale():
     assert pct_scale([None]) == 100.0
     assert pct_scale(["%"]) == 1.0
+
+
+def test_collect_cli_takes_the_configs_dip_window(tmp_path):
+    """``equipipe collect --dip-windows`` with the windows the collect rule derives from
+    config/config.yaml (``equipipe.config.dip_windows``): an EScAIP-like curve whose early dip
+    (0.1 % at step 20) lies before a lower final value (0.05 %) reports the dip inside the
+    window and the final value separately, and prints the window; without the window the dip
+    would be the whole-run minimum at the end."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from equipipe.config import dip_windows, load_config
+
+    root = Path(__file__).resolve().parent.parent
+    windows = dip_windows(load_config(root / "config" / "config.yaml"))
+    assert windows["ff_default"] == [1, 56] and windows["fm_default"] == [1, 30]
+    steps = [0, 5, 10, 20, 50, 100, 200, 300, 400, 500]
+    pct = [0.2, 0.01, 0.004, 0.001, 0.003, 0.002, 0.0015, 0.001, 0.0007, 0.0005]
+    d = _write_run(tmp_path, "ff_default", 0, _rows(steps, pct), study_ref="escaip_default")
+    wfile = tmp_path / "windows.json"
+    wfile.write_text(json.dumps(windows))
+    out_c = tmp_path / "c.parquet"
+    cli = [sys.executable, "-m", "equipipe.cli", "collect", "--runs", str(d)]
+    cli += ["--out-metrics", str(tmp_path / "m.parquet"), "--out-comparison", str(out_c)]
+    subprocess.run([*cli, "--dip-windows", f"@{wfile}"], check=True)
+    r = pl.read_parquet(out_c).filter(pl.col("level") == "experiment").row(0, named=True)
+    assert (r["dip_window_lo"], r["dip_window_hi"]) == (1.0, 56.0)
+    assert r["dip_step"] == 20 and r["min_pct"] == pytest.approx(0.1, rel=0.3)
+    assert r["final_pct"] == pytest.approx(0.05)
+    rst = out_c.with_suffix(".rst").read_text()
+    assert "dip window" in rst and "1–56" in rst
+    assert out_c.with_suffix(".html").read_text().count("1–56") >= 1
+    # the same runs without a window: the dip is the whole-run minimum, at the last step
+    subprocess.run(cli, check=True)
+    r = pl.read_parquet(out_c).filter(pl.col("level") == "experiment").row(0, named=True)
+    assert r["dip_window_lo"] is None and r["dip_step"] == 500
+    assert "whole run" in out_c.with_suffix(".rst").read_text()

@@ -248,6 +248,20 @@ def test_spectrum_needs_three_rotations_at_plan_time():
     _check(_put(cfg, "tasks.forcefield.eval.k", 3))
 
 
+def test_grad_ratio_figure_needs_the_gradient_norm_ratio_at_plan_time():
+    """A grad_ratio figure of an experiment that does not compute the ratio would be empty."""
+    cfg = _put(DEFAULT, "experiments.fm_default.eval.grad_norm_batches", 0)
+    with pytest.raises(
+        ConfigError,
+        match=r"figures\.fm_grad_ratio: grad_ratio draws experiment 'fm_default'.*grad_norm_batches: 0",
+    ):
+        _check(cfg)
+    _check(DEFAULT)
+    # the task default (0 for flow matching) is what an experiment without its own override gets
+    with pytest.raises(ConfigError, match=r"grad_ratio draws experiment 'fm_c12'"):
+        _check(_put(DEFAULT, "figures.fm_grad_ratio.experiments", ["fm_default", "fm_c12"]))
+
+
 def test_unknown_figure_kind():
     with pytest.raises(
         ConfigError, match=r"figures\.ff_pct_linear\.kind: 'pct_vs_time'.*allowed: pct_vs_step"
@@ -260,16 +274,16 @@ def test_denoising_grid_lives_in_the_geom_preprocess_block():
     for exp in ("voxmol_111M_100", "voxmol_7M"):
         tc = run_spec(cfg, exp, 0)["task_cfg"]
         assert (tc["grid_size"], tc["grid_spacing"]) == (64, 0.25)
-    cfg = _put(DEFAULT, "datasets.geom.preprocess.grid_size", 24)
-    assert run_spec(_check(cfg), "dn_default", 0)["task_cfg"]["grid_size"] == 24
+    cfg = _put(DEFAULT, "datasets.geom.preprocess.grid_size", 16)
+    assert run_spec(_check(cfg), "dn_default", 0)["task_cfg"]["grid_size"] == 16
     with pytest.raises(ConfigError) as err:
         _check(_put(DEFAULT, "tasks.denoising.task_cfg.grid_size", 64))
     msg = str(err.value)
     assert (
-        "tasks.denoising.task_cfg.grid_size: 64 differs from datasets.geom.preprocess.grid_size = 32"
+        "tasks.denoising.task_cfg.grid_size: 64 differs from datasets.geom.preprocess.grid_size = 24"
         in msg
     )
-    _check(_put(DEFAULT, "tasks.denoising.task_cfg.grid_spacing", 0.5))  # equal: accepted
+    _check(_put(DEFAULT, "tasks.denoising.task_cfg.grid_spacing", 0.75))  # equal: accepted
 
 
 # --------------------------------------------------------------------------- code and docs agree

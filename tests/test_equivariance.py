@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -199,3 +200,52 @@ def test_decomposition_type():
     assert isinstance(
         decomposition_from_predictions(torch.randn(2, 3), torch.randn(3)), Decomposition
     )
+
+
+def test_examples_are_the_units_of_the_standard_errors():
+    """With ``n_examples`` (and the ragged ``index``) every example is a unit: the moments and
+    standard errors equal those of per-example decompositions added together."""
+    g = torch.Generator().manual_seed(3)
+    sizes = [3, 5, 2, 7, 4, 6]
+    index = torch.cat([torch.full((n,), b) for b, n in enumerate(sizes)])
+    y = torch.randn(int(index.numel()), 3, generator=g, dtype=torch.float64)
+    scale = torch.rand(len(sizes), generator=g, dtype=torch.float64)[index].unsqueeze(-1)
+    z = y + scale * torch.randn(6, *y.shape, generator=g, dtype=torch.float64)
+    d = decomposition_from_predictions(z, y, n_examples=len(sizes), index=index)
+    parts = [decomposition_from_predictions(z[:, index == b], y[index == b]) for b in range(6)]
+    ref = parts[0]
+    for p in parts[1:]:
+        ref = ref + p
+    assert d.n_units == ref.n_units == 6
+    for name in ("total", "equiv_unbiased", "pct"):
+        assert math.isclose(d.standard_error(name), ref.standard_error(name), rel_tol=1e-10)
+    # padded (B, L, 3) with a mask: per-example units straight from the leading dim
+    zp = torch.randn(4, 5, 8, 3, generator=g, dtype=torch.float64)
+    yp = torch.randn(5, 8, 3, generator=g, dtype=torch.float64)
+    mask = torch.rand(5, 8, generator=g) > 0.3
+    dp = decomposition_from_predictions(zp, yp, mask=mask, n_examples=5)
+    sums = [decomposition_from_predictions(zp[:, b : b + 1], yp[b : b + 1], mask=mask[b : b + 1])
+            for b in range(5)]  # fmt: skip
+    refp = sums[0]
+    for p in sums[1:]:
+        refp = refp + p
+    assert dp.n_units == 5 and math.isclose(dp.pct, refp.pct, rel_tol=1e-12)
+    assert math.isclose(dp.standard_error("pct"), refp.standard_error("pct"), rel_tol=1e-10)
+
+
+def test_pct_standard_error_is_calibrated():
+    """Over repeated held-out sets of 40 examples whose equivariance error and total vary (and
+    covary) from example to example, the spread of pct matches its logged standard error."""
+    g = torch.Generator().manual_seed(4)
+    pcts, ses = [], []
+    for _ in range(400):
+        B = 40
+        y = torch.randn(B, 6, 3, generator=g, dtype=torch.float64)
+        err = torch.rand(B, 1, 1, generator=g, dtype=torch.float64) ** 2  # per-example error
+        bias = err * torch.randn(B, 6, 3, generator=g, dtype=torch.float64)
+        eq = 0.3 * err * torch.randn(10, B, 6, 3, generator=g, dtype=torch.float64)
+        d = decomposition_from_predictions(y + bias + eq, y, n_examples=B)
+        pcts.append(d.pct)
+        ses.append(d.standard_error("pct"))
+    ratio = float(np.std(pcts, ddof=1) / np.mean(ses))
+    assert 0.85 < ratio < 1.15, ratio

@@ -7,7 +7,7 @@ import torch
 
 from equipipe.equivariance import decompose
 from equipipe.models.equivariant import build, radius_graph
-from equipipe.models.registry import build_model, model_info_rows
+from equipipe.models.registry import build_model, model_info_rows, param_count
 from equipipe.so3 import haar_rotations
 from equipipe.tasks.forcefield import ForceFieldTask
 
@@ -93,3 +93,19 @@ def test_trains_through_the_force_field_task(ff, forces):
     ff.assert_trains(
         ForceFieldTask({"model": "equivariant", "model_overrides": {**SMALL, "forces": forces}})
     )
+
+
+def test_cuequivariance_kernel_runs_on_cpu_exactly_equivariant_and_trains(ff):
+    """kernel: cuequivariance (issue 17 item 4) — cuequivariance_torch's PyTorch fallback on
+    the CPU: the same parameter count as the e3nn kernel, exact equivariance, and it learns."""
+    torch.manual_seed(0)
+    e3nn_model = build("tiny", **SMALL)
+    model = build("tiny", kernel="cuequivariance", **SMALL)
+    assert type(model.blocks[0].tp).__module__.startswith("cuequivariance_torch")
+    assert param_count(model) == param_count(e3nn_model)
+    model = model.double().eval()
+    ff.assert_equivariant(model, ff.batch(ForceFieldTask({"model": "equivariant"})))
+    overrides = {**SMALL, "kernel": "cuequivariance"}
+    ff.assert_trains(ForceFieldTask({"model": "equivariant", "model_overrides": overrides}))
+    with pytest.raises(ValueError, match="allowed: e3nn, cuequivariance"):
+        build("tiny", kernel="triton")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 
@@ -242,3 +243,45 @@ def test_tiny_training_step_time():
     )
     assert model.cfg.max_neighbors == 20
     assert ms_cpu < 2000  # generous: the machine is shared; DESIGN.md budgets ~260 ms
+
+
+# --- the named forms: upstream vs the CPU-scale form ----------------------------------------
+
+
+def test_upstream_form_has_the_sign_symmetry_and_small_uniform_embeddings():
+    batch = random_batch([5, 4], seed=3)
+    up = small_model(seed=1, form="upstream")
+    assert up.cfg.get("magnitude") == "linear" and up.cfg.get("embed_init") == "uniform"
+    emb = up.embed_centre.weight
+    assert emb.abs().max() <= 1e-3 and emb.abs().max() > 0.9e-3  # uniform in ±0.001
+    cpu = small_model(seed=1)  # the default: the CPU-scale form
+    assert cpu.cfg.form == "cpu" and cpu.cfg.get("magnitude") == "softplus"
+    assert 0.08 < float(cpu.embed_centre.weight.std()) < 0.12  # N(0, 0.1²)
+
+    def flipped(model):
+        """(m, W) -> (-m, -W): negate m's last linear layer and the head weight W."""
+        out = copy.deepcopy(model)
+        with torch.no_grad():
+            last = out.force_head.magnitude[-1]
+            last.weight.neg_()
+            last.bias.neg_()
+            out.force_head.linear.weight.neg_()
+        return out
+
+    for model, symmetric in ((up, True), (cpu, False)):
+        with torch.no_grad():
+            f0 = model(batch)["forces"]
+            m0 = model.force_head_features(batch)["m"]
+            f1 = flipped(model)(batch)["forces"]
+            m1 = flipped(model).force_head_features(batch)["m"]
+        if symmetric:  # m changes sign, the forces do not
+            assert torch.allclose(m1, -m0, atol=0, rtol=1e-12)
+            assert torch.allclose(f1, f0, atol=1e-12, rtol=1e-10)
+        else:  # softplus m >= 0 cannot change sign: the flip changes the model
+            assert (m0 > 0).all() and (m1 > 0).all()
+            assert (f1 - f0).abs().max() > 1e-3
+    # a field set explicitly overrides the form's
+    mixed = escaip.config_for("tiny", form="upstream", magnitude="softplus")
+    assert mixed.get("magnitude") == "softplus" and mixed.get("embed_std") == 1e-3
+    with pytest.raises(ValueError, match="allowed: upstream, cpu"):
+        escaip.config_for("tiny", form="paper")

@@ -146,7 +146,10 @@ def test_shared_pair_stack_equals_per_rotation_forwards():
     view = task.eval_views(task.collate(examples), torch.Generator().manual_seed(0))[3][1]
     res = evaluate_view(model, task, view, 6, torch.Generator().manual_seed(2), gradients=True)
     R = example_rotations(3, 6, torch.Generator().manual_seed(2))
-    z = _reference(model, task, view, R)["x1"]
+    # x_sc = 0 is self-conditioning off through the explicit (B, L, L, p) pair (the model's
+    # path before its bias table): the "before" of the cheaper path
+    explicit = {**view, "x_sc": torch.zeros_like(view["x1"])}
+    z = _reference(model, task, explicit, R)["x1"]
     y, mask = task.target(view)["x1"], task.element_mask(view)["x1"]
     ref = decomposition_from_predictions(z.detach(), y, mask=mask)
     new = res.decompositions["x1"]
@@ -157,3 +160,7 @@ def test_shared_pair_stack_equals_per_rotation_forwards():
     for name, v in res.gradient_norms().items():
         assert math.isclose(v, old[name], rel_tol=1e-3), name
     assert torch.equal(res.prediction["x1"], task.predict(model, view)["x1"])
+    # without gradients (inference mode, the fused attention kernel): the same decomposition
+    res = evaluate_view(model, task, view, 6, torch.Generator().manual_seed(2))
+    for name, v in ref.per_element().items():
+        assert math.isclose(res.decompositions["x1"].per_element()[name], v, rel_tol=1e-4), name

@@ -138,7 +138,7 @@ def test_tuning_config_plans_the_same_sweep_for_every_model(tmp_path):
     sweep = yaml.safe_load((root / "config" / "tuning.yaml").read_text())["experiments"]
     grids = defaultdict(set)
     for exp in sweep.values():
-        grids[exp["model"]].add((exp["train"]["lr"], exp["train"]["warmup_steps"]))
+        grids[exp.get("model", "escaip")].add((exp["train"]["lr"], exp["train"]["warmup_steps"]))
     assert set(grids) == {"escaip", "equivariant", "nequip"}
     assert len({g for g in map(frozenset, grids.values())}) == 1  # the same budget
     assert len({lr for lr, _ in grids["nequip"]}) >= 4

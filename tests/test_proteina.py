@@ -46,12 +46,12 @@ def test_build_errors_name_allowed_values():
         proteina.build("tiny", n_heads=5)
 
 
-@pytest.mark.parametrize("tri_every", [0, 1])
-def test_padding_does_not_change_real_residues(tri_every):
+@pytest.mark.parametrize(("tri_every", "self_cond"), [(0, True), (1, True), (0, False)])
+def test_padding_does_not_change_real_residues(tri_every, self_cond):
     torch.manual_seed(0)
     model = proteina.build("tiny", tri_every=tri_every, tri_dim=8).eval()
     x, t, mask, brk = _inputs()
-    sc = torch.randn_like(x) * mask[..., None]
+    sc = torch.randn_like(x) * mask[..., None] if self_cond else None
     with torch.no_grad():
         v = model(x, t, mask, x_sc=sc, chain_break=brk)
         # the same chains padded by 9 more slots (filled with garbage)
@@ -62,7 +62,7 @@ def test_padding_does_not_change_real_residues(tri_every):
             xp,
             t,
             mp,
-            x_sc=pad(sc, torch.randn(3, 9, 3)),
+            x_sc=None if sc is None else pad(sc, torch.randn(3, 9, 3)),
             chain_break=pad(brk, torch.ones(3, 9, dtype=torch.bool)),
         )
     assert v.shape == (3, 24, 3)
@@ -78,6 +78,24 @@ def test_self_conditioning_off_equals_zero_input():
         a = model(x, t, mask, chain_break=brk)
         b = model(x, t, mask, x_sc=torch.zeros_like(x), chain_break=brk)
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_pair_table_equals_the_explicit_pair_with_gradients():
+    """Without self-conditioning the attention biases come from a table of the pair's distinct
+    values (``pair_biases``); x_sc = 0 takes the explicit (B, L, L, p) pair path: same values
+    and the same parameter gradients."""
+    torch.manual_seed(5)
+    model = proteina.build("tiny")
+    x, t, mask, brk = _inputs(seed=5)
+    grads = []
+    for sc in (None, torch.zeros_like(x)):
+        model.zero_grad()
+        v = model(x, t, mask, x_sc=sc, chain_break=brk)
+        (v**2).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[1].keys() - grads[0].keys() == {"embed_sc.weight"}  # x_sc = 0 multiplies it
+    for name, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_pair_features_are_invariant_and_model_is_not_equivariant():

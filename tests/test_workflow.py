@@ -116,6 +116,35 @@ def test_named_checkpoints_and_md_analysis_through_snakemake(finished):
     assert (wd / "results/figures/md.png").stat().st_size > 1000
 
 
+def test_config_dip_window_reaches_the_comparison_and_headlines(finished):
+    """The experiment's ``dip_window`` (tiny config: [1, 6] of 12 steps) goes through the
+    collect and headlines rules: the dip is searched inside it, the table prints it, and the
+    final pct is reported separately."""
+    table = pl.read_parquet(finished / "results/paper_comparison.parquet")
+    ff = table.filter((pl.col("experiment") == "ff_default") & (pl.col("field") == "forces"))
+    assert ff.height == 3  # the experiment row and two seeds
+    assert set(ff["dip_window_lo"]) == {1.0} and set(ff["dip_window_hi"]) == {6.0}
+    assert all(1 <= s <= 6 for s in ff["dip_step"])
+    assert ff["final_pct"].null_count() == 0 and set(ff["last_step"]) == {12}
+    c4 = table.filter(pl.col("experiment") == "ff_c4")
+    assert c4["dip_window_lo"].null_count() == c4.height  # no window: the whole run
+    assert "1–6" in (finished / "results/paper_comparison.html").read_text()
+    heads = pl.read_csv(finished / "results/headlines.csv")
+    dips = heads.filter(pl.col("experiment") == "ff_default")["dip_step"]
+    assert dips.len() and all(1 <= s <= 6 for s in dips)
+
+
+def test_pct_standard_error_is_logged_per_evaluation(finished):
+    """Every evaluation logs pct_se beside pct (over held-out examples; the pct figures draw it
+    as a band): finite and non-negative wherever pct is."""
+    df = pl.read_parquet(finished / "results/runs/ff_default/seed0/metrics.parquet")
+    df = df.filter((pl.col("split") == "val") & (pl.col("field") == "forces"))
+    pct = df.filter(pl.col("metric") == "pct").sort("step")
+    se = df.filter(pl.col("metric") == "pct_se").sort("step")
+    assert se["step"].to_list() == pct["step"].to_list()
+    assert se["value"].is_finite().all() and (se["value"] >= 0).all()
+
+
 def test_adding_a_subset_schedules_only_what_uses_it(finished):
     wd = finished
     cfg = yaml.safe_load((wd / "config.yaml").read_text())
@@ -323,7 +352,7 @@ def test_paper_grid_plans_offline_quickly():
 
     wall, cpu, text = plan("config/paper.yaml")
     jobs = planned_jobs(subprocess.CompletedProcess([], 0, text, ""))
-    assert jobs["train"] == 30 and jobs["download_spice"] == 1 and jobs["download_geom"] == 1
+    assert jobs["train"] == 31 and jobs["download_spice"] == 1 and jobs["download_geom"] == 1
     assert cpu < 5.0, f"planning took {cpu:.1f} s of CPU ({wall:.1f} s wall)"
 
 
@@ -447,6 +476,24 @@ def test_archive_unpacks_and_dry_runs(finished, tmp_path):
     assert code_info(root) == {**code_info(root), "commit": meta["commit"], "from": "archive"}
 
 
+def test_train_log_has_one_readable_line_per_evaluation(finished):
+    """The job's log (logs/train/...): one INFO line per evaluation with step, loss, pct ± SE,
+    steps/s and ETA (the tiny config evaluates 2 batches, so pct has a standard error)."""
+    from equipipe.train import eval_steps
+
+    log = (finished / "logs/train/ff_default/seed0.log").read_text()
+    lines = [ln for ln in log.splitlines() if " INFO equipipe.train: step " in ln]
+    steps = [int(re.search(r"step (\d+)/12", ln).group(1)) for ln in lines]
+    assert steps == eval_steps(12, 6, [1, 2]), log[-3000:]
+    assert re.search(r" step 0/12 pct \(forces\) [\d.e+-]+±[\d.e+-]+%$", lines[0]), lines[0]
+    line = re.compile(
+        r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO equipipe\.train: step \d+/12 loss [\d.e+-]+ "
+        r"lr [\d.e+-]+ pct \(forces\) [\d.e+-]+±[\d.e+-]+% [\d.e+-]+ steps/s ETA \d+:\d\d:\d\d$"
+    )
+    for ln in lines[1:]:
+        assert line.match(ln), ln
+
+
 def test_training_twice_in_one_process_gives_identical_metrics(finished, tmp_path):
     """Same seed, same process, twice: the same metric table (and as the Snakemake job's)."""
     import json
@@ -460,3 +507,40 @@ def test_training_twice_in_one_process_gives_identical_metrics(finished, tmp_pat
     a = _metrics_without_wall(tmp_path / "a/metrics.parquet")
     assert a.equals(_metrics_without_wall(tmp_path / "b/metrics.parquet"))
     assert a.equals(_metrics_without_wall(finished / "results/runs/ff_c4/seed0/metrics.parquet"))
+
+
+def test_efficiency_gap_with_a_tuning_sweep_through_snakemake(finished, tmp_path):
+    """The efficiency analysis and figure read a tuning-sweep summary (equipipe tuning-summary)
+    as a tracked input: c* over the sweep's settings in the table, the sweep panel drawn, and
+    the finished runs are not retrained."""
+    wd = tmp_path / "wf"
+    shutil.copytree(finished, wd, symlinks=True)
+    summary = subprocess.run(
+        [str(BIN / "equipipe"), "tuning-summary", "--runs", "results/runs", "--prefix", "ff_c",
+         "--out", "sweep"], cwd=wd, capture_output=True, text=True, env={**os.environ},
+    )  # fmt: skip
+    assert summary.returncode == 0, summary.stderr[-3000:]
+    cfg = yaml.safe_load((wd / "config.yaml").read_text())
+    pair = {"baseline": "ff_c4", "equivariant": "ff_default", "sweep": "sweep/sweep_curves.csv"}
+    cfg["analyses"]["eff"] = {"kind": "efficiency", "experiments": ["ff_c4", "ff_default"],
+                              "spec": pair}  # fmt: skip
+    cfg["figures"]["eff_gap"] = {"kind": "efficiency_gap", "experiments": ["ff_c4", "ff_default"],
+                                 "style": pair, "caption": "efficiency gap with a sweep"}  # fmt: skip
+    (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
+    targets = ("--", "results/tables/eff.html", "results/figures/eff_gap.png")
+    jobs = planned_jobs(snakemake(wd, "-n", *targets))
+    assert "train" not in jobs and jobs["analyse"] == 1 and jobs["figure"] == 1, jobs
+    snakemake(wd, "--cores", "2", *targets)
+    table = pl.read_parquet(wd / "results/analysis/eff/efficiency.parquet")
+    rows = {r["quantity"]: r for r in table.to_dicts()}
+    assert rows["c_star_sweep"]["n"] == 1 and "lr 0.001" in rows["c_star_sweep"]["note"]
+    assert "constant-learning-rate segment" in rows["alpha"]["method"]
+    assert (wd / "results/figures/eff_gap.png").stat().st_size > 1000
+    # the sweep summary is an input: a new one (here with more runs) reruns the analysis and the
+    # figure only (Snakemake compares small inputs by checksum, so the content must change)
+    subprocess.run(
+        [str(BIN / "equipipe"), "tuning-summary", "--runs", "results/runs", "--prefix", "ff_",
+         "--out", "sweep"], cwd=wd, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    jobs = planned_jobs(snakemake(wd, "-n", *targets))
+    assert "train" not in jobs and jobs["analyse"] == 1 and jobs["figure"] == 1, jobs

@@ -70,6 +70,15 @@ class EquivariantConfig:
     n_elements: int = 119  # atomic numbers 0..118, as the EScAIP-like model
     avg_neighbors: float = 20.0  # message normaliser (the neighbour cap)
     forces: str = "direct"  # "direct" (1o readout) or "gradient" (-dE/dx)
+    # Tensor-product kernel of the convolution: "e3nn" (o3.TensorProduct) or "cuequivariance"
+    # (cuequivariance_torch.ChannelWiseTensorProduct: NVIDIA's CUDA kernels where the
+    # cuequivariance-ops-torch package and a GPU are present, its PyTorch fallback elsewhere,
+    # CPU included). The same "uvu" paths and parameter count; the paths' order and their
+    # normalisation constants are cuequivariance's, so weights do not transfer between kernels.
+    kernel: str = "e3nn"
+
+
+KERNELS = ("e3nn", "cuequivariance")
 
 
 # Sizes matched to the EScAIP-like model by parameter count (within 10 %, checked by
@@ -169,6 +178,25 @@ def hidden_irreps(mul: int, lmax: int) -> o3.Irreps:
     return o3.Irreps([(mul, (ell, (-1) ** ell)) for ell in range(lmax + 1)])
 
 
+def _cue_channelwise(irreps_in: o3.Irreps, irreps_sh: o3.Irreps, irreps_mid: o3.Irreps):
+    """The "uvu" tensor product as cuequivariance's ChannelWiseTensorProduct (e3nn's mul_ir
+    layout), filtered to the output irreps the e3nn paths reach; returns it and its output
+    irreps (cuequivariance orders the paths by output irrep)."""
+    import cuequivariance as cue
+    import cuequivariance_torch as cuet
+
+    keep = [cue.O3.from_string(str(ir)) for ir in sorted({ir for _, ir in irreps_mid})]
+    tp = cuet.ChannelWiseTensorProduct(
+        cue.Irreps("O3", str(irreps_in)),
+        cue.Irreps("O3", str(irreps_sh)),
+        filter_irreps_out=keep,
+        layout=cue.mul_ir,
+        shared_weights=False,
+        internal_weights=False,
+    )
+    return tp, o3.Irreps(str(tp.irreps_out))
+
+
 class Interaction(nn.Module):
     """NequIP convolution + gated nonlinearity; shapes in the module docstring."""
 
@@ -197,14 +225,17 @@ class Interaction(nn.Module):
                         mid.append((m, ir_out))
         irreps_mid = o3.Irreps(mid)
         self.linear_in = o3.Linear(irreps_in, irreps_in)
-        self.tp = o3.TensorProduct(
-            irreps_in,
-            irreps_sh,
-            irreps_mid,
-            instructions,
-            shared_weights=False,
-            internal_weights=False,
-        )
+        if cfg.kernel == "cuequivariance":
+            self.tp, irreps_mid = _cue_channelwise(irreps_in, irreps_sh, irreps_mid)
+        else:
+            self.tp = o3.TensorProduct(
+                irreps_in,
+                irreps_sh,
+                irreps_mid,
+                instructions,
+                shared_weights=False,
+                internal_weights=False,
+            )
         self.radial = nn.Sequential(
             nn.Linear(cfg.n_radial, cfg.radial_hidden),
             nn.SiLU(),
@@ -233,6 +264,8 @@ class EquivariantForceField(nn.Module):
         super().__init__()
         if cfg.forces not in ("direct", "gradient"):
             raise ValueError(f"forces={cfg.forces!r}; allowed: 'direct', 'gradient'")
+        if cfg.kernel not in KERNELS:
+            raise ValueError(f"kernel={cfg.kernel!r}; allowed: {', '.join(KERNELS)}")
         self.cfg = cfg
         self.irreps_sh = o3.Irreps.spherical_harmonics(cfg.lmax)
         irreps_hidden = hidden_irreps(cfg.mul, cfg.lmax)

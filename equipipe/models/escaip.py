@@ -30,6 +30,24 @@ from torch import Tensor, nn
 from equipipe.models.registry import sized_config
 
 MAGNITUDES = ("softplus", "linear")
+EMBED_INITS = ("normal", "uniform")
+# Named forms of the model (``form``); ``magnitude``, ``embed_init`` and ``embed_std`` left at
+# None take the form's value.
+#   upstream: as EScAIP upstream has it (ASK-Berkeley/EScAIP) — a signed linear force magnitude
+#     m_i and atom-type embeddings uniform in ±0.001. F = m_i sum_j (W h_ij) rhat_ij is then
+#     unchanged under (m, W) -> (-m, -W): the sign symmetry that plausibly shapes the study's
+#     early ~20 % plateau. The paper grid (config/paper.yaml) uses this form.
+#   cpu: the embedded, CPU-scale form — m_i through a softplus (>= 0) and embeddings N(0, 0.1²).
+#     Why: at a few hundred steps with batch 8, the signed m_i flipped sign back and forth while
+#     W h_ij did not yet correlate with the forces (1M size: mean m -1.1, +1.3, -1.0 at steps 20,
+#     30, 50), reversing what W learned each time (1M: val force MAE 0.94 vs 0.37 eV/A with the
+#     softplus after 300 steps); and with ±0.001 (or std 1) type vectors the tiny model had not
+#     started to learn forces after 200 steps, with std 0.1 it had. Both are fixes for a short
+#     CPU budget, not upstream's model; config/paper.yaml's ablation compares the two forms.
+FORMS: dict[str, dict] = {
+    "upstream": {"magnitude": "linear", "embed_init": "uniform", "embed_std": 1e-3},
+    "cpu": {"magnitude": "softplus", "embed_init": "normal", "embed_std": 0.1},
+}
 
 
 @dataclass(frozen=True)
@@ -49,16 +67,28 @@ class EScAIPConfig:
     readout_mult: int = 3  # per-block readout feed-forward width (0: LayerNorm only)
     head_mult: int = 4  # output-head feed-forward width
     energy_gain: float = 0.1  # Xavier gain of the energy head's last layer (small start)
-    embed_std: float = 0.1  # init std of the atom-type embeddings (small, so distances lead)
-    magnitude: str = "softplus"  # force magnitude m_i: "softplus" (>= 0) | "linear" (upstream)
+    form: str = "cpu"  # "upstream" | "cpu" (FORMS): sets the three fields below when they are None
+    # atom-type embedding init scale: the std ("normal") or the half-width ("uniform")
+    embed_std: float | None = None
+    embed_init: str | None = None  # "normal" | "uniform"
+    magnitude: str | None = None  # force magnitude m_i: "softplus" (>= 0) | "linear" (signed)
 
     def __post_init__(self) -> None:
         if self.hidden % self.n_heads:
             raise ValueError(f"hidden={self.hidden} must be divisible by n_heads={self.n_heads}")
-        if self.magnitude not in MAGNITUDES:
-            raise ValueError(
-                f"magnitude={self.magnitude!r} is unknown; allowed: {', '.join(MAGNITUDES)}"
-            )
+        if self.form not in FORMS:
+            raise ValueError(f"form={self.form!r} is unknown; allowed: {', '.join(FORMS)}")
+        for key, allowed in (("magnitude", MAGNITUDES), ("embed_init", EMBED_INITS)):
+            if self.get(key) not in allowed:
+                raise ValueError(
+                    f"{key}={self.get(key)!r} is unknown; allowed: {', '.join(allowed)}"
+                )
+
+    def get(self, key: str):
+        """A field of the form (``magnitude``, ``embed_init``, ``embed_std``): the value set, or
+        the form's when it is None."""
+        value = getattr(self, key)
+        return FORMS[self.form][key] if value is None else value
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,6 +128,18 @@ def neighbor_list(
     return idx, mask
 
 
+def gaussian_basis(arg: Tensor) -> Tensor:
+    """exp(arg) for arg <= 0, with values below 1.65 x the smallest normal float set to 0.
+
+    Most entries of a narrow Gaussian basis (width 0.047 A over 12 A) have arguments far below
+    log(smallest normal float) (-87.3 in float32), where torch's CPU exp takes a slow path
+    (measured: 190 ms instead of 2 ms for one batch's 1.6M entries, ~10 % of a training step).
+    Their values are below 2e-38 (float32) or subnormal or 0 anyway; here they are exactly 0.
+    """
+    lo = math.log(torch.finfo(arg.dtype).tiny) + 0.5
+    return torch.where(arg >= lo, torch.exp(arg.clamp_min(lo)), 0.0)
+
+
 def legendre(x: Tensor, n: int) -> Tensor:
     """P_0..P_{n-1}(x) stacked on a new last axis (Bonnet's recursion)."""
     ps = [torch.ones_like(x), x]
@@ -127,7 +169,7 @@ class Geometry:
         self.rhat = vec / dist.clamp_min(1e-9)[..., None] * maskf[..., None]
         envelope = 0.5 * (torch.cos(math.pi * dist / cfg.cutoff) + 1.0) * maskf  # (N, K)
         spacing = cfg.cutoff / (cfg.n_rbf - 1)
-        self.rbf = torch.exp(-0.5 * ((dist[..., None] - centres) / spacing) ** 2)
+        self.rbf = gaussian_basis(-0.5 * ((dist[..., None] - centres) / spacing) ** 2)
         self.rbf = self.rbf * envelope[..., None]
         cosines = self.rhat @ self.rhat.transpose(1, 2)  # (N, K, K)
         self.angular = legendre(cosines, cfg.n_legendre)  # (N, K, K, n_leg)
@@ -235,12 +277,9 @@ class ForceHead(nn.Module):
     """Direct, NON-equivariant force head: F_i = m_i * sum_j (W h_ij) * rhat_ij.
 
     ``ffn`` maps the invariant edge state to h_ij; ``linear`` is W (3, H), no bias, Xavier-uniform
-    (head deviation ~0.0102 at H=128); ``magnitude`` gives the invariant per-atom m_i, through a
-    softplus by default. Why not upstream's signed linear m_i: F is unchanged under
-    (m, W) -> (-m, -W), and early in training, while W h_ij does not yet correlate with the
-    forces, Adam drove the sign of m back and forth through 0 (the 1M size: mean m -1.1, +1.3,
-    -1.0 at steps 20, 30, 50), reversing the signal W h_ij learns from each time; a magnitude that
-    cannot change sign removes that symmetry (1M: val force MAE 0.37 vs 0.94 eV/A after 300 steps).
+    (head deviation ~0.0102 at H=128); ``magnitude`` gives the invariant per-atom m_i: signed
+    and linear (``"linear"``, upstream; F is unchanged under (m, W) -> (-m, -W)) or through a
+    softplus (``"softplus"``, the CPU-scale form, which removes that symmetry; why: FORMS).
     """
 
     def __init__(self, hidden: int, mult: int, magnitude: str = "softplus"):
@@ -290,16 +329,20 @@ class EScAIP(nn.Module):
         self.proj_node, self.proj_edge = nn.Linear(n_cat, h), nn.Linear(n_cat, h)
         self.ln_out_node, self.ln_out_edge = nn.LayerNorm(h), nn.LayerNorm(h)
         self.energy_head = nn.Sequential(FeedForward(h, cfg.head_mult), nn.Linear(h, 1))
-        self.force_head = ForceHead(h, cfg.head_mult, cfg.magnitude)
+        self.force_head = ForceHead(h, cfg.head_mult, cfg.get("magnitude"))
         self._init_weights()
 
     def _init_weights(self) -> None:
         # Upstream: Xavier-uniform linear weights, zero biases; small gain on the energy output.
-        # Atom-type embeddings start small (upstream: uniform +-0.001) so the distance basis, not
-        # the N(0, 1) type vectors of PyTorch's default, dominates the first edge states: with
-        # std 1 the tiny model had not started to learn forces after 200 steps, with 0.1 it had.
+        # Atom-type embeddings start small (the form's: uniform ±0.001 upstream, N(0, 0.1²) in
+        # the CPU-scale form) so the distance basis, not the N(0, 1) type vectors of PyTorch's
+        # default, dominates the first edge states.
+        scale = float(self.cfg.get("embed_std"))
         for emb in (self.embed_centre, self.embed_neighbor):
-            nn.init.normal_(emb.weight, std=self.cfg.embed_std)
+            if self.cfg.get("embed_init") == "uniform":
+                nn.init.uniform_(emb.weight, -scale, scale)
+            else:
+                nn.init.normal_(emb.weight, std=scale)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)

@@ -160,15 +160,40 @@ class PairBiasedAttention(nn.Module):
         # Padded keys get -inf; every query still sees >= 1 real residue, so no row is all -inf.
         return bias.masked_fill(~key_mask[:, None, None, :], float("-inf"))
 
+    def bias_from_table(self, table_normed: Tensor, index: Tensor, key_mask: Tensor) -> Tensor:
+        """``self.bias`` of a pair that takes few distinct values, read from their table.
+
+        Args:
+            table_normed: (B, N, p) the normalised pair vector of each of N feature combinations.
+            index: (B, L, L) long, the combination of each pair entry.
+            key_mask: (B, L) bool.
+
+        Returns:
+            (B, H, L, L), the same as ``self.bias`` of the gathered pair: the Linear runs on the
+            N table rows instead of the L^2 entries.
+        """
+        B, L, _ = index.shape
+        table = self.pair_to_bias(table_normed).transpose(1, 2)  # (B, H, N)
+        flat = index.reshape(B, 1, L * L).expand(B, self.h, L * L)
+        bias = torch.gather(table, 2, flat).view(B, self.h, L, L)
+        return bias.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+
     def forward(
         self, x: Tensor, pair_normed: Tensor | None, key_mask: Tensor, bias: Tensor | None = None
     ) -> Tensor:
-        """``bias``: a precomputed ``self.bias(...)`` (then ``pair_normed`` is not read)."""
+        """``bias``: a precomputed ``self.bias(...)`` (then ``pair_normed`` is not read). A bias
+        of B' < B chains is shared by the B // B' copies of x (copy-major: row k * B' + b reads
+        bias b). Measured on CPU: with autograd it is broadcast (no (B, H, L, L) copy to build
+        and sum back); without, repeated, which keeps the fused attention kernel (4-D only)."""
         B, L, _ = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.h, self.dh).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
         bias = (self.bias(pair_normed, key_mask) if bias is None else bias).to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        if bias.shape[0] != B and torch.is_grad_enabled():
+            q, k, v = (a.unflatten(0, (-1, bias.shape[0])) for a in (q, k, v))
+        elif bias.shape[0] != B:
+            bias = bias.repeat(B // bias.shape[0], 1, 1, 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).reshape(B, self.h, L, -1)
         return self.out(out.transpose(1, 2).reshape(B, L, -1))
 
 
@@ -316,18 +341,25 @@ class Proteina(nn.Module):
             x_t.dtype
         )
         x = self.embed_xt(x_t) + self.embed_idx(idx) + self.embed_break(breaks[..., None])
+        if x_sc is None:  # self-conditioning off: x_sc = 0, every distance in bin 0 (cheap path)
+            x = x + self.embed_sc.bias
+        else:
+            x = x + self.embed_sc(x_sc)
+        x = x * maskf[..., None]
+        if x_sc is None and not cfg.tri_every:
+            # the pair takes few distinct values: the attention biases come from their table
+            for block, bias in zip(self.blocks, self.pair_biases(x_t, cond, mask)):
+                x = block(x, None, cond, mask, bias)
+            return self.decoder(x) * maskf[..., None]
         pair = self.pair_xt(distance_bins(x_t, cfg.xt_dist_bins, cfg.dist_min, cfg.dist_max))
         pair = pair + self.pair_sep(separation_bins(L, cfg.seq_sep_bins, x_t.device))
         pair = pair + self.pair_time(cond)[:, None, None]
-        if x_sc is None:  # self-conditioning off: x_sc = 0, every distance in bin 0 (cheap path)
-            x = x + self.embed_sc.bias
+        if x_sc is None:
             pair = pair + self.pair_sc.weight[0]
         else:
-            x = x + self.embed_sc(x_sc)
             pair = pair + self.pair_sc(
                 distance_bins(x_sc, cfg.sc_dist_bins, cfg.dist_min, cfg.dist_max)
             )
-        x = x * maskf[..., None]
         # Pair entries of padded residues only meet padded queries or -inf-masked keys, so the
         # pair is masked only where it is summed over (triangle updates).
         pair_mask = maskf[:, :, None] * maskf[:, None, :]
@@ -340,6 +372,25 @@ class Proteina(nn.Module):
                 pair_normed = F.layer_norm(pair, (cfg.pair_dim,))
             x = block(x, pair_normed, cond, mask)
         return self.decoder(x) * maskf[..., None]
+
+    def pair_biases(self, x_t: Tensor, cond: Tensor, mask: Tensor) -> list[Tensor]:
+        """Every block's attention bias (B, H, L, L) without self-conditioning or pair updates.
+
+        The pair is then LayerNorm(pair_xt[distance bin] + pair_sep[separation bin] + pair_time
+        (cond) + pair_sc[0]): per chain it takes at most xt_dist_bins x seq_sep_bins distinct
+        values. Their table (B, bins_xt * bins_sep, p) is normalised and projected once per block,
+        then gathered: the same values as building the (B, L, L, p) pair (same sums in the same
+        order; the Linear may round differently), at the cost of a (B, H, L, L) gather.
+        """
+        cfg = self.cfg
+        B, L, _ = x_t.shape
+        ns = cfg.seq_sep_bins
+        table = self.pair_xt.weight[:, None, :] + self.pair_sep.weight[None, :, :]  # (Dx, Ds, p)
+        table = table[None] + self.pair_time(cond)[:, None, None] + self.pair_sc.weight[0]
+        table_normed = F.layer_norm(table.reshape(B, -1, cfg.pair_dim), (cfg.pair_dim,))
+        dist = distance_bins(x_t, cfg.xt_dist_bins, cfg.dist_min, cfg.dist_max)
+        index = dist * ns + separation_bins(L, ns, x_t.device)
+        return [b.attn.bias_from_table(table_normed, index, mask) for b in self.blocks]
 
     def forward_rotated(
         self, x_t: Tensor, t: Tensor, mask: Tensor, R: Tensor, chain_break: Tensor | None = None
@@ -368,10 +419,7 @@ class Proteina(nn.Module):
         B, L, _ = x_t.shape
         maskf = mask.to(x_t.dtype)
         cond = self.time_mlp(sinusoidal(t * 1000.0, cfg.t_emb_dim).to(x_t.dtype))
-        pair = self.pair_xt(distance_bins(x_t, cfg.xt_dist_bins, cfg.dist_min, cfg.dist_max))
-        pair = pair + self.pair_sep(separation_bins(L, cfg.seq_sep_bins, x_t.device))
-        pair = pair + self.pair_time(cond)[:, None, None] + self.pair_sc.weight[0]
-        pair_normed = F.layer_norm(pair, (cfg.pair_dim,))
+        biases = self.pair_biases(x_t, cond, mask)
         xr = torch.einsum("kbij,blj->kbli", R.to(x_t), x_t).reshape(K * B, L, 3)
         breaks = torch.zeros_like(maskf) if chain_break is None else chain_break.to(x_t.dtype)
         idx = sinusoidal(torch.arange(L, device=x_t.device).expand(B, L), cfg.idx_emb_dim)
@@ -380,9 +428,8 @@ class Proteina(nn.Module):
         x = self.embed_xt(xr) + idx_term + break_term + self.embed_sc.bias
         x = x * maskf.repeat(K, 1)[..., None]
         condk, maskk = cond.repeat(K, 1), mask.repeat(K, 1)
-        for block in self.blocks:
-            bias = block.attn.bias(pair_normed, mask).repeat(K, 1, 1, 1)  # (K * B, H, L, L)
-            x = block(x, None, condk, maskk, bias)
+        for block, bias in zip(self.blocks, biases):
+            x = block(x, None, condk, maskk, bias)  # bias (B, H, L, L), shared by the K copies
         return self.decoder(x) * maskk[..., None].to(x.dtype)
 
 

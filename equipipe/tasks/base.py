@@ -50,11 +50,6 @@ class Task(Protocol):
     def primary_field(self) -> str:
         """The field whose pct the figures show."""
 
-    @property
-    def example_major_fields(self) -> tuple[str, ...]:
-        """Fields whose leading axis is the example (e.g. voxel grids (B, C, G, G, G)): each
-        example is one unit of their standard errors (other fields: each evaluation batch)."""
-
     def build_model(self, size: str) -> nn.Module: ...
 
     def predict(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
@@ -137,8 +132,6 @@ class EvaluationDefaults:
     action is exact). A task (or a user's adapter, ``examples/custom_loop.py``) inherits these
     and overrides what it does differently (the force field shares one trunk pass; the voxel
     task has a finite group and a floor)."""
-
-    example_major_fields: tuple[str, ...] = ()  # standard errors over evaluation batches
 
     def shared_rotated_predictions(
         self, model: nn.Module, batch: Batch, R: Tensor, plain: bool = True

@@ -7,11 +7,17 @@ A batch holds ATOMS, not grids — grids are made on the batch's device inside `
   centroid), ``z`` (N,) int64, ``channel`` (N,) int64 element channel (C H O N F S Cl Br;
   -1 = none), ``batch`` (N,) int64, ``n_atoms`` (B,) int64;
 - per example: ``noise_seed`` (B,) int64 — the noise is a pure function of it
-  (``equipipe.voxel.seeded_noise``), never a stored grid; ``noise_rot`` (B, 3, 3), the rotation
-  applied to the example so far; ``noise_fixed`` (B,) bool — True for evaluation views, whose
-  noise is moved with the example (exactly permuted for octahedral R, nearest-neighbour
-  resampled otherwise); False in training, where the noise is fresh and stays unrotated;
-  ``ball_mask`` (B,) bool — the Haar view's metric is masked to the inscribed ball.
+  (``equipipe.bandlimit.bandlimited_noise``; ``noise_kind: white``: ``equipipe.voxel.seeded_noise``),
+  never a stored grid; ``noise_rot`` (B, 3, 3), the rotation applied to the example so far;
+  ``noise_fixed`` (B,) bool — True for evaluation views, whose noise is moved with the example
+  (exactly: a voxel permutation for octahedral R, the band-limited field evaluated at R^T x
+  otherwise); False in training, where the noise is fresh and stays unrotated (it is
+  stationary and isotropic); ``ball_mask`` (B,) bool — the Haar view's metric is masked to
+  the inscribed ball.
+
+Noise (docs/voxel_rotations.md, which supersedes DESIGN.md's Haar paragraph): VoxMol's white
+noise projected onto the Nyquist ball (``noise_band``), i.e. white noise without the 48 % of
+its power that no rotation can move; ``noise_kind: white`` keeps VoxMol's noise.
 
 Model input = clean grid + ``noise_sigma`` · noise; target = clean grid; loss = MSE. The
 decomposed field is ``density`` (B, 8, G, G, G) with per-voxel squared error (dimensionless
@@ -23,17 +29,20 @@ Evaluation views (``eval_modes``, both by default, each its own labelled decompo
   integrator runs them exhaustively). Inputs (coordinates voxelised on the symmetric lattice),
   noise and outputs are exact voxel permutations, so only the model is measured.
 - ``{"mode": "haar"}``: ``rotation_set`` gives None (the integrator draws K Haar rotations).
-  Clean input = voxelised rotated coordinates (exact); the fixed noise moved by nearest
-  neighbour; outputs canonicalised by trilinear ``rotate_grid(pred, R^T)``; metric masked to
-  the inscribed ball (``element_mask``). ``interpolation_floor`` measures the same
-  decomposition for an isotropic Gaussian blur of the noisy input — exactly equivariant in the
-  continuum, so its value is the resampling error alone; log it beside the model's.
+  Clean input = voxelised rotated coordinates (exact); the fixed band-limited noise moved
+  exactly (above); outputs canonicalised by B-spline interpolation (``resample_order``);
+  metric masked to the inscribed ball (``element_mask``). ``interpolation_floor`` measures the
+  same decomposition for an isotropic Gaussian blur of the noisy input — exactly equivariant
+  in the continuum, so its value is the resampling error alone (per voxel; the trainer logs
+  it as a share of the model's own total, ``floor_share``).
 
 Config keys (``DEFAULTS``): ``model`` / ``model_overrides`` (registry), ``grid_size`` (32),
-``grid_spacing`` (0.5 Å; the study: 64 at 0.25), ``atom_radius`` (0.5 Å), ``density_form``
-(``voxmol`` | ``gaussian``, see ``equipipe.voxel``), ``noise_sigma`` (0.9), ``max_shift``
+``grid_spacing`` (0.5 Å; the study: 64 at 0.25), ``atom_radius`` (0.5 Å; keep it >= 2 voxels
+so the density is band-limited), ``density_form`` (``voxmol`` | ``gaussian``, see
+``equipipe.voxel``), ``noise_sigma`` (0.9), ``noise_kind`` (``band_limited`` | ``white``),
+``noise_band`` (1.0), ``resample_order`` (3), ``max_shift``
 (0.5 Å, the ``augment`` shift), ``eval_modes`` (["octahedral", "haar"]), ``floor_blur_sigma``
-(0.5 Å, the blur of the interpolation floor), ``floor_k`` (4).
+(0.5 Å, the blur of the resampling floor), ``floor_k`` (4).
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from equipipe.bandlimit import bandlimited_noise, is_signed_permutation, spline_rotate
 from equipipe.config import defaults
 from equipipe.so3 import haar_rotations, octahedral_rotations, rotate_grid, rotate_per_example
 from equipipe.tasks.base import Batch, EvaluationDefaults, repeat_ragged
@@ -70,6 +80,7 @@ DEFAULTS: dict[str, Any] = {
     "grid_spacing": _GRID["grid_spacing"],
 }
 EVAL_MODES = ("octahedral", "haar")
+NOISE_KINDS = ("band_limited", "white")
 N_CHANNELS = len(ATOMIC_NUMBERS)
 _PER_EXAMPLE = ("n_atoms", "noise_seed", "noise_rot", "noise_fixed", "ball_mask")
 
@@ -96,6 +107,10 @@ class DenoisingTask(EvaluationDefaults):  # shared_rotated_predictions: None
         for key in ("grid_spacing", "atom_radius", "noise_sigma"):
             if float(cfg[key]) <= 0:
                 raise ValueError(f"{key} must be > 0, got {cfg[key]!r}")
+        if cfg["noise_kind"] not in NOISE_KINDS:
+            raise ValueError(f"noise_kind {cfg['noise_kind']!r} is unknown; allowed: {NOISE_KINDS}")
+        if not 0 < float(cfg["noise_band"]) <= 1:
+            raise ValueError(f"noise_band must be in (0, 1], got {cfg['noise_band']!r}")
         if float(cfg["max_shift"]) < 0 or int(cfg["floor_k"]) < 2:
             raise ValueError("max_shift must be >= 0 and floor_k >= 2")
         self.cfg = cfg
@@ -103,6 +118,8 @@ class DenoisingTask(EvaluationDefaults):  # shared_rotated_predictions: None
         self.spacing = float(cfg["grid_spacing"])
         self.sigma = float(cfg["noise_sigma"])
         self._warned = False
+        self._noise_cache: dict[tuple[int, bytes], np.ndarray] = {}
+        self._cache_bytes = 256 << 20  # rotated evaluation noise kept across evaluations
 
     # --- model ---------------------------------------------------------------------------
 
@@ -128,13 +145,34 @@ class DenoisingTask(EvaluationDefaults):  # shared_rotated_predictions: None
     def noise(self, batch: Batch) -> Tensor:
         """Unit-variance noise (B, 8, G, G, G) from the per-example seeds (module docstring)."""
         fixed = batch["noise_fixed"]
-        rot = None
-        if bool(fixed.any()):
-            eye = torch.eye(3, dtype=batch["noise_rot"].dtype, device=fixed.device)
-            rot = torch.where(fixed[:, None, None], batch["noise_rot"], eye)
-        return seeded_noise(
-            batch["noise_seed"], N_CHANNELS, self.grid_size, rot, device=batch["pos"].device
-        )
+        dev = batch["pos"].device
+        if self.cfg["noise_kind"] == "white":
+            rot = None
+            if bool(fixed.any()):
+                eye = torch.eye(3, dtype=batch["noise_rot"].dtype, device=fixed.device)
+                rot = torch.where(fixed[:, None, None], batch["noise_rot"], eye)
+            return seeded_noise(batch["noise_seed"], N_CHANNELS, self.grid_size, rot, device=dev)
+        seeds = batch["noise_seed"].tolist()
+        rots = batch["noise_rot"].detach().to("cpu", torch.float64).numpy()
+        out = [
+            torch.from_numpy(self._band_noise(s, rots[b] if bool(fixed[b]) else None))
+            for b, s in enumerate(seeds)
+        ]
+        return torch.stack(out).to(dev)
+
+    def _band_noise(self, seed: int, R: np.ndarray | None) -> np.ndarray:
+        """One example's band-limited noise, moved by R; rotated fields are cached (the
+        evaluation reuses the same seeds and rotations at every step)."""
+        band = float(self.cfg["noise_band"])
+        if R is None or is_signed_permutation(R) or self._cache_bytes <= 0:
+            return bandlimited_noise(seed, N_CHANNELS, self.grid_size, band, R)
+        key = (int(seed), np.round(R, 12).tobytes())
+        hit = self._noise_cache.get(key)
+        if hit is None:
+            hit = bandlimited_noise(seed, N_CHANNELS, self.grid_size, band, R)
+            if hit.nbytes * (len(self._noise_cache) + 1) <= self._cache_bytes:
+                self._noise_cache[key] = hit
+        return hit
 
     def model_input(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """(noisy input, clean grid)."""
@@ -166,12 +204,16 @@ class DenoisingTask(EvaluationDefaults):  # shared_rotated_predictions: None
         return out
 
     def canonicalize(self, pred: dict[str, Tensor], R: Tensor) -> dict[str, Tensor]:
-        """Grid of example b resampled by R[b]^T (exact permutation when octahedral)."""
+        """Grid of example b resampled by R[b]^T: an exact permutation when octahedral, else
+        B-spline interpolation of order ``resample_order`` (``equipipe.bandlimit``)."""
         d = pred["density"].float()  # resample in float32 even under bf16 autocast
         R = R.to(device=d.device, dtype=d.dtype)
         if R.dim() == 2:
             R = R.expand(d.shape[0], 3, 3)
-        return {"density": rotate_grid(d, R.transpose(-1, -2), mode="bilinear")}
+        Rt = R.transpose(-1, -2)
+        if all(is_signed_permutation(r) for r in Rt.detach().cpu().double().numpy()):
+            return {"density": rotate_grid(d, Rt)}
+        return {"density": spline_rotate(d, Rt, int(self.cfg["resample_order"]))}
 
     def repeat(self, batch: Batch, k: int) -> Batch:
         """k copies, copy-major: copy c of example b is example c * B + b."""
@@ -288,7 +330,8 @@ class DenoisingTask(EvaluationDefaults):  # shared_rotated_predictions: None
         """Haar-mode decomposition of an isotropic blur of the noisy input (the resampling floor).
 
         The blur commutes with every rotation in the continuum, so whatever equivariance error
-        it shows comes from nearest-neighbour noise resampling and trilinear canonicalisation.
+        it shows comes from moving the noise and from the spline canonicalisation (with
+        band-limited noise and densities: about 1e-3 of its total, docs/voxel_rotations.md).
         Uses ``batch``'s fixed noise (pass the Haar view), K Haar rotations per example drawn
         from ``generator``, and the inscribed-ball mask.
 
@@ -310,4 +353,5 @@ class DenoisingTask(EvaluationDefaults):  # shared_rotated_predictions: None
                 zs.append(self.canonicalize({"density": self.blur(noisy)}, R[i])["density"])
             y = self.target(batch)["density"]
         mask = (self.element_mask(batch) or {}).get("density")
-        return {"density": decomposition_from_predictions(torch.stack(zs), y, mask=mask)}
+        z = torch.stack(zs)
+        return {"density": decomposition_from_predictions(z, y, mask=mask, n_examples=B)}
