@@ -11,7 +11,7 @@ import torch
 
 from equipipe import analyses
 from equipipe.figures import make_figure
-from equipipe.figures_analysis import kappa_table_rst
+from equipipe.figures.analyses import kappa_table_rst
 from tests.toytask import PairModel, ToyTask, toy_batch
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -11,8 +14,7 @@ import polars as pl
 import pytest
 from matplotlib.figure import Figure
 
-from equipipe import figures
-from equipipe.figures import KINDS, build_figure, make_figure, register_kind
+from equipipe.figures import KINDS, MissingSplitError, build_figure, make_figure, register_kind
 from equipipe.metrics import METRICS_SCHEMA, RUN_COLUMNS
 
 SCHEMA = {**RUN_COLUMNS, **METRICS_SCHEMA}
@@ -294,10 +296,126 @@ def test_register_kind_and_errors(data, tmp_path):
         with pytest.raises(ValueError, match="already registered"):
             register_kind("_test_kind")(lambda _ctx: None)
     finally:
-        figures.KINDS.pop("_test_kind", None)
+        KINDS.pop("_test_kind", None)
     with pytest.raises(ValueError, match="unknown figure kind"):
         make_figure({"kind": "nope"}, metrics, runs, tmp_path / "n")
     with pytest.raises(ValueError, match="no rows"):
         make_figure(
             {"kind": "pct_vs_step", "experiments": ["absent"]}, metrics, runs, tmp_path / "a"
         )
+
+
+# --------------------------------------------------------------------------- split selection
+
+
+def test_a_missing_split_is_an_error_not_another_split(data):
+    """vox_default logs val_octahedral and val_haar, no val: a figure that does not name a split
+    fails naming the splits there are (it used to draw val_haar silently)."""
+    metrics, runs = data
+    want = r"'vox_default' logs metric 'pct' in split\(s\) \['val_haar', 'val_octahedral'\], not in 'val'"
+    for kind in ("pct_vs_step", "pct_by"):
+        with pytest.raises(MissingSplitError, match=want):
+            build_figure({"kind": kind, "experiments": ["vox_default"]}, metrics, runs)
+    with pytest.raises(MissingSplitError, match="metric 'total'.*not in 'val'"):
+        build_figure({"kind": "loss_curves", "experiments": ["vox_default"]}, metrics, runs)
+    spec = {
+        "kind": "pct_vs_step",
+        "experiments": ["vox_default"],
+        "style": {"split": "val_octahedral"},
+    }
+    fig = build_figure(spec, metrics, runs)
+    (line,) = [ln for ln in fig.axes[0].get_lines() if "seed" in str(ln.get_label())]
+    drawn = metrics.filter(
+        (pl.col("experiment") == "vox_default") & (pl.col("metric") == "pct")
+        & (pl.col("split") == "val_octahedral")
+    ).sort("step")  # fmt: skip
+    np.testing.assert_allclose(line.get_ydata(), 100 * drawn.get_column("value").to_numpy())
+
+
+def test_several_splits_note_an_experiment_without_one_in_its_panel(data):
+    metrics, runs = data
+    spec = {"kind": "pct_vs_step", "experiments": ["vox_default", "ff_default"],
+            "style": {"split": ["val_octahedral", "val_haar"]}}  # fmt: skip
+    with pytest.warns(UserWarning, match="no pct rows for ff_default / val_octahedral"):
+        fig = build_figure(spec, metrics, runs)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert "no pct rows for ff_default / val_octahedral" in texts
+    assert "no pct rows for ff_default / val_haar" in texts
+    labels = [str(ln.get_label()) for ln in fig.axes[0].get_lines()]
+    assert sum(lab.startswith("vox_default") for lab in labels) == 2  # one line per split
+
+
+def test_standard_errors_come_from_the_drawn_split_only(data):
+    """Standard-error rows of another split are not drawn as the band of this one."""
+    metrics, runs = data
+    spec = {"kind": "loss_curves", "experiments": ["ff_default"]}
+    title = build_figure(spec, metrics, runs).axes[0].get_legend().get_title().get_text()
+    assert title == "shaded: ±2 standard errors"
+    moved = metrics.with_columns(
+        pl.when(pl.col("metric").str.ends_with("_se") & (pl.col("experiment") == "ff_default"))
+        .then(pl.lit("val_haar"))
+        .otherwise(pl.col("split"))
+        .alias("split")
+    )
+    fig = build_figure(spec, moved, runs)
+    assert fig.axes[0].get_legend().get_title().get_text() == "shaded: range over seeds"
+    total = next(ln for ln in fig.axes[0].get_lines() if ln.get_label() == "Total T")
+    band = fig.axes[0].collections[0].get_paths()[0].vertices  # fill_between of T: min..max
+    per_seed = moved.filter(
+        (pl.col("experiment") == "ff_default") & (pl.col("metric") == "total")
+        & (pl.col("split") == "val")
+    ).group_by("step").agg(pl.col("value").max()).sort("step")  # fmt: skip
+    hi = per_seed.get_column("value").to_numpy()
+    assert np.isclose(band[:, 1].max(), hi.max()) and len(total.get_xdata()) == len(hi)
+
+
+def _layer_share_rows(split: str) -> pl.DataFrame:
+    rows = []
+    for seed in (0, 1):
+        for step in (0, 50, 100):
+            for ell, share in (("0", 0.9), ("1", 0.08), (None, 0.02)):
+                metric = "layer_share" if ell else "layer_share_remainder"
+                rows.append(("fm_probe", seed, "flowmatching", "m", "tiny", step, 0.0, 0.0, split,
+                             metric, None, None, share, 10, None, ell, "block0"))  # fmt: skip
+                rows.append(("fm_probe", seed, "flowmatching", "m", "tiny", step, 0.0, 0.0, split,
+                             metric + "_se", None, None, share / 10, 10, None, ell, "block0"))  # fmt: skip
+    return pl.DataFrame(rows, schema=SCHEMA, orient="row")
+
+
+def test_layer_spectrum_draws_the_named_split_and_refuses_a_missing_one():
+    metrics = _layer_share_rows("val_octahedral")
+    runs = {"fm_probe/0": {"experiment": "fm_probe", "seed": 0, "model": "proteina"}}
+    spec = {"kind": "layer_spectrum", "experiments": ["fm_probe"]}
+    with pytest.raises(
+        MissingSplitError, match=r"layer 'block0' in split\(s\) \['val_octahedral'\]"
+    ):
+        build_figure(spec, metrics, runs)
+    fig = build_figure({**spec, "style": {"split": "val_octahedral"}}, metrics, runs)
+    (image,) = fig.axes[0].get_images()
+    np.testing.assert_allclose(image.get_array(), [[0.9] * 3, [0.08] * 3, [0.02] * 3])
+
+
+def test_figure_command_reports_a_missing_split_in_one_line(data, tmp_path):
+    """What rules/figures.smk runs: ``equipipe figure`` on a run folder without the split."""
+    metrics, runs = data
+    run = tmp_path / "runs" / "vox_default" / "seed0"
+    run.mkdir(parents=True)
+    rows = metrics.filter(pl.col("experiment") == "vox_default")
+    rows.select(list(METRICS_SCHEMA)).write_parquet(run / "metrics.parquet")
+    info = {**runs["vox_default/0"], "model": "m", "size": "tiny", "metrics_schema_version": 2}
+    (run / "run.json").write_text(json.dumps(info))
+    spec = tmp_path / "spec.json"
+    spec.write_text(
+        json.dumps({"name": "dn_pct", "kind": "pct_by", "experiments": ["vox_default"]})
+    )
+    cmd = [sys.executable, "-m", "equipipe.cli", "figure", "--spec", f"@{spec}", "--runs", str(run),
+           "--out-prefix", str(tmp_path / "fig" / "dn_pct")]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert (
+        "equipipe figure: error: figure 'dn_pct': experiment 'vox_default' logs metric 'pct' in "
+        "split(s) ['val_haar', 'val_octahedral'], not in 'val'; name one in the figure's style "
+        "'split'" in p.stderr
+    )
+    assert not (tmp_path / "fig" / "dn_pct.png").exists()

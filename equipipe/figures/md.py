@@ -19,8 +19,9 @@ import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
 
-from equipipe.figures import PALETTE, FigureContext, register_kind
-from equipipe.figures_analysis import _analysis_dir
+from equipipe.figures.data import FigureContext
+from equipipe.figures.registry import register_kind
+from equipipe.figures.style import PALETTE
 
 FLOORS = {
     "twirl_exact": ("exact head twirl (float32)", "0.35", "--"),
@@ -37,7 +38,7 @@ def _positive(v) -> float | None:
 
 @register_kind("md_deviation")
 def md_deviation(ctx: FigureContext) -> Figure:
-    folder = _analysis_dir(ctx, "md.parquet")
+    folder = ctx.analysis_dir("md.parquet")
     table = pl.read_parquet(folder / "md.parquet")
     curves_path = folder / "md_curves.ipc"
     curves = pl.read_ipc(curves_path) if curves_path.is_file() else pl.DataFrame()

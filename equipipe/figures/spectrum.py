@@ -1,7 +1,5 @@
 """Figure kinds of the per-irrep spectrum (``equipipe.spectrum``): which ℓ carries the error.
 
-Registered with ``equipipe.figures.register_kind`` (listed in ``figures.PLUGIN_MODULES``).
-
 ``spectrum_by_ell`` (style keys: ``field``, ``split``, ``t`` (flow times to show; default all),
 ``xscale`` ("log"), ``ymin``, ``ncols``): per experiment (and flow time) the equivariance error's
 power in each irrep against step, STACKED on a log axis: ℓ = 1..ℓmax in colour, the remainder
@@ -14,12 +12,12 @@ projections are exact and drawn as they are. A note names the resolved ℓ carry
 error at the first and the last evaluation.
 
 ``layer_spectrum`` (style keys: ``t`` (one flow time, for tables logged per t; the probe pools
-flow times, t null), ``split`` (default val, else val_octahedral),
-``vmin`` (1e-4)): one heatmap per probed layer: evaluation step (columns) by ℓ (rows,
-"rem" = above ℓmax), colour = share of the layer output's power, log colour scale; cells whose
-share is below 3 standard errors (not resolved from zero) are marked ×. An
-experiment without probed layers gets a note instead of zeros: the EScAIP-like backbone sees
-only invariant geometry, so its layers are ℓ = 0 by construction.
+flow times, t null), ``split`` (default val; a layer probed in other splits only is an error
+naming them), ``vmin`` (1e-4)): one heatmap per probed layer: evaluation step (columns) by ℓ
+(rows, "rem" = above ℓmax), colour = share of the layer output's power, log colour scale; cells
+whose share is below 3 standard errors (not resolved from zero) are marked ×. An experiment
+without probed layers gets a note instead of zeros: the EScAIP-like backbone sees only
+invariant geometry, so its layers are ℓ = 0 by construction.
 """
 
 from __future__ import annotations
@@ -30,16 +28,15 @@ import polars as pl
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from equipipe.figures import (
-    FigureContext,
-    _apply_axes,
-    _legend,
-    _new_figure,
-    _no_data,
-    _t_label,
-    _title,
-    _ts,
-    register_kind,
+from equipipe.figures.data import FigureContext, Missing, flow_times
+from equipipe.figures.registry import register_kind
+from equipipe.figures.style import (
+    add_legend,
+    add_title,
+    apply_axes,
+    mark_no_data,
+    new_figure,
+    t_label,
 )
 
 INVARIANT_BY_CONSTRUCTION = {
@@ -67,8 +64,10 @@ def _seed_mean(df: pl.DataFrame, by: list[str]) -> pl.DataFrame:
     )
 
 
-def _field_rows(ctx: FigureContext, exp: str, metric: str) -> pl.DataFrame:
-    df = ctx.rows(exp, metric)
+def _field_rows(
+    ctx: FigureContext, exp: str, metric: str, missing: Missing = "error"
+) -> pl.DataFrame:
+    df = ctx.rows(exp, metric, missing=missing)
     return df if "ell" in df.columns else df.clear()
 
 
@@ -88,19 +87,19 @@ def spectrum_by_ell(ctx: FigureContext) -> Figure:
     panels = []
     for exp in ctx.experiments:
         power = _field_rows(ctx, exp, "spectrum_power")
-        for t in _ts(power, ctx) if power.height else [None]:
+        for t in flow_times(power, ctx) if power.height else [None]:
             panels.append((exp, t))
-    fig, axs = _new_figure(ctx, len(panels))
+    fig, axs = new_figure(ctx, len(panels))
     logx = ctx.opt("xscale", "log") == "log"
     for ax, (exp, t) in zip(axs, panels):
         power = _field_rows(ctx, exp, "spectrum_power")
-        title = ctx.label(exp) + (f", {_t_label(t)}" if t is not None else "")
+        title = ctx.label(exp) + (f", {t_label(t)}" if t is not None else "")
         ax.set_title(title)
         if power.height == 0:
-            _no_data(ax, f"{exp}: no spectrum rows (eval.spectrum_every is 0)")
+            mark_no_data(ax, f"{exp}: no spectrum rows (eval.spectrum_every is 0)")
             continue
         sel = power.filter(pl.col("t").is_null() if t is None else pl.col("t") == t)
-        rem = _field_rows(ctx, exp, "spectrum_remainder")
+        rem = _field_rows(ctx, exp, "spectrum_remainder", missing="empty")
         rem = rem.filter(pl.col("t").is_null() if t is None else pl.col("t") == t)
         equiv = ctx.rows(exp, "equiv_unbiased", split=sel.get_column("split")[0])
         equiv = equiv.filter(pl.col("t").is_null() if t is None else pl.col("t") == t)
@@ -108,7 +107,7 @@ def spectrum_by_ell(ctx: FigureContext) -> Figure:
         octa = set(labels) >= set(OCT_ERROR)
         error_labels = [lab for lab in labels if (lab in OCT_ERROR if octa else lab != "0")]
         mean = _seed_mean(sel, ["ell"])
-        se_rows = _field_rows(ctx, exp, "spectrum_power_se")
+        se_rows = _field_rows(ctx, exp, "spectrum_power_se", missing="empty")
         se_rows = se_rows.filter(pl.col("t").is_null() if t is None else pl.col("t") == t)
         n_seeds = max(sel.get_column("seed").n_unique(), 1)
         se_mean = _seed_mean(se_rows, ["ell"]) if se_rows.height else None
@@ -148,7 +147,7 @@ def spectrum_by_ell(ctx: FigureContext) -> Figure:
             ax.plot(ex[ok], ev[ok], color="black", lw=1.2, label="$E_{unb}$ (decomposition)")
         unit = sel.get_column("unit").drop_nulls()
         ylabel = "Equivariance error per element" + (f" ({unit[0]})" if len(unit) else "")
-        _apply_axes(ax, ctx, xscale="log", yscale="log", xlabel="Training step", ylabel=ylabel)
+        apply_axes(ax, ctx, xscale="log", yscale="log", xlabel="Training step", ylabel=ylabel)
         top_vals = base[base > 0]
         if top_vals.size and ctx.style.get("ymin") is None:
             ax.set_ylim(bottom=max(top_vals.min() * 0.3, top_vals.max() * 1e-5))
@@ -156,8 +155,8 @@ def spectrum_by_ell(ctx: FigureContext) -> Figure:
             first, last = _dominant(parts, 0), _dominant(parts, len(steps) - 1)
             ax.set_title(f"{title}\nlargest resolved: {first} at step {int(steps[0])}, "
                          f"{last} at step {int(steps[-1])}", fontsize=9)  # fmt: skip
-        _legend(ax, ctx, fontsize=7.5, ncols=2)
-    _title(fig, ctx, "Equivariance error by irreducible representation")
+        add_legend(ax, ctx, fontsize=7.5, ncols=2)
+    add_title(fig, ctx, "Equivariance error by irreducible representation")
     return fig
 
 
@@ -169,7 +168,7 @@ def layer_spectrum(ctx: FigureContext) -> Figure:
         df = ctx.metrics.filter((pl.col("experiment") == exp) & (pl.col("metric") == "layer_share"))
         layers = df.get_column("layer").unique(maintain_order=True).to_list() if df.height else []
         panels += [(exp, layer) for layer in layers] or [(exp, None)]
-    fig, axs = _new_figure(ctx, len(panels), ncols=int(ctx.opt("ncols", 2)))
+    fig, axs = new_figure(ctx, len(panels), ncols=int(ctx.opt("ncols", 2)))
     vmin = float(ctx.opt("vmin", 1e-4))
     norm = LogNorm(vmin=vmin, vmax=1.0)
     image = None
@@ -186,12 +185,9 @@ def layer_spectrum(ctx: FigureContext) -> Figure:
             (pl.col("experiment") == exp) & (pl.col("layer") == layer)
             & pl.col("metric").is_in(["layer_share", "layer_share_remainder"])
         )  # fmt: skip
-        splits = df.get_column("split").unique().to_list()
-        split = ctx.opt("split") or next(
-            (x for x in ("val", "val_octahedral", "val_haar") if x in splits), sorted(splits)[0]
-        )
-        df = df.filter(pl.col("split") == split)
-        ts = _ts(df)  # [None]: the probe pools flow times (too noisy per t)
+        df = ctx.in_split(df, exp, f"layer {layer!r}")
+        split = df.get_column("split")[0]
+        ts = flow_times(df)  # [None]: the probe pools flow times (too noisy per t)
         want = ctx.style.get("t") if any(x is not None for x in ts) else None
         t = want if want is not None else (ts[len(ts) // 2] if ts else None)
         df = df.filter(pl.col("t").is_null() if t is None else (pl.col("t") - t).abs() < 1e-9)
@@ -225,9 +221,9 @@ def layer_spectrum(ctx: FigureContext) -> Figure:
         every = max(1, len(steps) // 8)
         ax.set_xticks(range(0, len(steps), every), [str(s) for s in steps[::every]], fontsize=7.5)
         ax.set_xlabel("Evaluation step")
-        ax.set_title(f"{ctx.label(exp)}: {layer}" + (f" ({_t_label(t)})" if t is not None else ""))
+        ax.set_title(f"{ctx.label(exp)}: {layer}" + (f" ({t_label(t)})" if t is not None else ""))
         ax.set_ylabel("")
     if image is not None:
         fig.colorbar(image, ax=axs, shrink=0.8, label="Share of the layer's feature power")
-    _title(fig, ctx, "Angular content of hidden features per layer")
+    add_title(fig, ctx, "Angular content of hidden features per layer")
     return fig

@@ -1,9 +1,7 @@
-"""Figure kinds drawn from analysis outputs (``equipipe.analyses``): landscape, twirling.
+"""Figure kinds drawn from analysis outputs: landscape, twirling, decay rates, Hessian densities.
 
-Registered with ``equipipe.figures.register_kind``; a kind gets a ``FigureContext`` whose
-``extra`` maps analysis names to their output folders (``results/analysis/<name>``). The folder
-drawn is the style key ``analysis`` (a name in ``extra``), else the first folder holding the
-kind's table.
+A kind gets a ``FigureContext`` whose ``extra`` maps analysis names to their output folders
+(``results/analysis/<name>``); ``FigureContext.analysis_dir`` picks the one drawn.
 
 ``landscape`` (style keys: ``analysis``, ``panels`` ["study"] or ["study", "own"],
 ``shared_z`` (true), ``cmap``, ``elev``, ``azim``): 3D surfaces of L_mean and L_equiv on the
@@ -17,6 +15,23 @@ only and L_equiv on the deviation only, so L_mean is flat along L_equiv's eigenv
 ``xscale`` ("log"), ``yscale``): held-out squared error of the K-twirled model (points with
 standard errors) against the prediction L_mean + L_equiv / K (line and band) and, for the direct
 force head, the exact prediction from the closed form and the exact K -> infinity twirl.
+
+``decay_rates`` (from a ``decay`` analysis, ``equipipe.decay``; style keys: ``analysis``,
+``figsize``, ``labels``, ``ncols``, ``title``): one panel per experiment of the analysis: α
+(L ∝ step^-α) of L_equiv and of L_mean against the flow time t (flow matching) or per split (a
+single position otherwise), each seed a small marker, the seed-mean curve's fit a large marker
+with its 16-84 % bootstrap interval; the inset gives α_equiv / α_mean (the study's mechanism
+predicts α_equiv > α_mean).
+
+``hessian_density`` (from a landscape analysis with spec ``slq_probes`` > 0, ``equipipe.slq``:
+``landscape_density.parquet``, ``landscape_threshold.parquet``; style keys: ``analysis``,
+``figsize``, ``title``): three panels: (1) the spectral densities of the L_mean and L_equiv
+Hessians (stochastic Lanczos quadrature, smoothed with a Gaussian; dashed: the exact eigenvalues
+where the block's Hessian was computed in full), on a symmetric-log eigenvalue axis in units of
+each loss's λmax; (2) κ(τ) = λmax / λmin(τ) against the relative threshold τ, with the line
+κ = 1/τ that a spectrum dense down to zero follows (where a curve lies on it, κ is set by the
+cut-off, not by the loss; hollow markers: thresholds where SLQ does not resolve the count);
+(3) the number of eigenvalues above τ·λmax (± 1 SE over probes).
 
 ``kappa_table_rst(dirs, out=None)`` writes the κ tables of landscape analyses as an rst table.
 """
@@ -33,32 +48,20 @@ import polars as pl
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from equipipe.figures import PALETTE, FigureContext, register_kind
+from equipipe.figures.data import FigureContext
+from equipipe.figures.registry import register_kind
+from equipipe.figures.style import PALETTE, axes_grid
+from equipipe.slq import Density
 
+LOSS_COLORS = {"equiv": "#d62728", "mean": "#1f77b4"}
+DECAY_LABELS = {"equiv": r"$L_{equiv}$ (equivariance error)", "mean": r"$L_{mean}$ (twirled error)"}
+SLQ_LABELS = {"mean": r"$L_{mean}$", "equiv": r"$L_{equiv}$"}
 LOSS_LABELS = {"mean": r"$L_{mean}$ (twirled)", "equiv": r"$L_{equiv}$", "total": r"$L_{total}$"}
 COMPLEMENTARY_NOTE = (
     "Direct head on an invariant backbone: L_mean depends only on the row mean of W, L_equiv only "
     "on the deviation W - 1 w\u0304\u1d40,\nso their Hessians act on complementary subspaces and "
     "L_mean is flat along every eigenvector of L_equiv's Hessian."
 )
-
-
-def _analysis_dir(ctx: FigureContext, table: str) -> Path:
-    name = ctx.style.get("analysis")
-    if name is not None:
-        if name not in ctx.extra:
-            raise ValueError(
-                f"figure ({ctx.spec.get('kind')}): analysis {name!r} is not an input; "
-                f"inputs: {sorted(ctx.extra)}"
-            )
-        return Path(ctx.extra[name])
-    for path in ctx.extra.values():
-        if (Path(path) / table).is_file():
-            return Path(path)
-    raise ValueError(
-        f"figure ({ctx.spec.get('kind')}): no analysis input holds {table}; add the analysis to "
-        f"the figure's 'analyses' (inputs: {sorted(ctx.extra)})"
-    )
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -91,7 +94,7 @@ def _surface(grid: pl.DataFrame, axes: str, loss: str):
 @register_kind("landscape")
 def landscape_figure(ctx: FigureContext) -> Figure:
     """Loss surfaces around a checkpoint on Hessian-eigenvector planes (see module docstring)."""
-    d = _analysis_dir(ctx, "landscape_grid.parquet")
+    d = ctx.analysis_dir("landscape_grid.parquet")
     grid = pl.read_parquet(d / "landscape_grid.parquet")
     kappa = {
         r["loss"]: r for r in pl.read_parquet(d / "landscape_kappa.parquet").iter_rows(named=True)
@@ -189,7 +192,7 @@ def landscape_figure(ctx: FigureContext) -> Figure:
 @register_kind("twirling")
 def twirling_figure(ctx: FigureContext) -> Figure:
     """Measured error of the K-twirled model vs L_mean + L_equiv / K (see module docstring)."""
-    d = _analysis_dir(ctx, "twirling.parquet")
+    d = ctx.analysis_dir("twirling.parquet")
     df = pl.read_parquet(d / "twirling.parquet")
     meta = _read_json(d / "twirling.json")
     fields = df["field"].unique(maintain_order=True).to_list()
@@ -243,6 +246,152 @@ def twirling_figure(ctx: FigureContext) -> Figure:
     )  # fmt: skip
     if title:
         fig.suptitle(title, fontsize=11)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Decay rates
+
+
+def _panels(ctx: FigureContext, n: int, ncols: int, size=(4.6, 3.6)) -> tuple[Figure, list]:
+    """A constrained-layout figure with ``n`` panels of ``size`` inches in rows of ``ncols``."""
+    ncols = max(1, min(ncols, n))
+    nrows = -(-n // ncols)
+    default = (size[0] * ncols + 0.6, size[1] * nrows + 0.8)
+    fig = Figure(figsize=tuple(ctx.opt("figsize", default)), layout="constrained")
+    return fig, axes_grid(fig, n, ncols)
+
+
+@register_kind("decay_rates")
+def decay_rates(ctx: FigureContext) -> Figure:
+    folder = ctx.analysis_dir("decay.parquet")
+    table = pl.read_parquet(Path(folder) / "decay.parquet")
+    meta = json.loads((Path(folder) / "decay.json").read_text())
+    exps = list(dict.fromkeys(table.get_column("experiment").to_list()))
+    fig, axs = _panels(ctx, max(1, len(exps)), int(ctx.opt("ncols", 3)))
+    if not exps:
+        axs[0].text(0.5, 0.5, "no decay rows", ha="center", transform=axs[0].transAxes)
+    for ax, exp in zip(axs, exps):
+        sub = table.filter(pl.col("experiment") == exp)
+        per_t = sub.get_column("t").null_count() < sub.height
+        keys = (
+            sorted(set(sub.get_column("t").drop_nulls().to_list()))
+            if per_t
+            else sorted(set(sub.get_column("split").to_list()))
+        )
+        pos = {k: i for i, k in enumerate(keys)}
+        col = "t" if per_t else "split"
+        for j, loss in enumerate(("equiv", "mean")):
+            off = (j - 0.5) * 0.18
+            rows = sub.filter((pl.col("loss") == loss) & pl.col(col).is_not_null())
+            seeds = rows.filter(pl.col("seed") != "mean")
+            xs = np.array([pos[k] for k in seeds.get_column(col).to_list()], dtype=float)
+            ax.plot(xs + off, seeds.get_column("alpha").to_numpy(), "o", ms=3.5, alpha=0.55,
+                    color=LOSS_COLORS[loss], mec="none")  # fmt: skip
+            mean = rows.filter(pl.col("seed") == "mean")
+            if mean.height == 0:  # one seed: its own fit is the experiment's
+                mean = seeds
+            xm = np.array([pos[k] for k in mean.get_column(col).to_list()], dtype=float)
+            a = mean.get_column("alpha").to_numpy()
+            lo = np.nan_to_num(a - mean.get_column("lo").to_numpy())
+            hi = np.nan_to_num(mean.get_column("hi").to_numpy() - a)
+            ax.errorbar(xm + off, a, yerr=[np.clip(lo, 0, None), np.clip(hi, 0, None)], fmt="D",
+                        ms=6, color=LOSS_COLORS[loss], capsize=3, label=DECAY_LABELS[loss])  # fmt: skip
+        ax.axhline(0.0, color="0.6", lw=0.8)
+        ax.set_xticks(range(len(keys)), [f"{k:g}" if per_t else str(k) for k in keys])
+        ax.set_xlabel("flow time t" if per_t else "split")
+        ax.set_ylabel(r"decay rate $\alpha$ ($L \propto$ step$^{-\alpha}$)")
+        task = sub.get_column("task")[0]
+        ax.set_title(f"{ctx.label(exp)} ({task})", fontsize=10)
+        ratio = sub.filter(pl.col("seed") == "mean") if (sub["seed"] == "mean").any() else sub
+        r = ratio.filter(pl.col("loss") == "equiv").get_column("ratio").drop_nans().to_numpy()
+        if r.size:
+            ax.text(0.02, 0.98, f"α_equiv / α_mean: median {np.median(r):.2g}\n"
+                    f"(> 1 in {(r > 1).sum()} of {r.size})", transform=ax.transAxes, va="top",
+                    fontsize=8, bbox={"fc": "white", "ec": "0.7", "alpha": 0.9})  # fmt: skip
+        ax.legend(fontsize=8, loc="lower right")
+    fig.text(0.5, -0.02, f"Fit: {meta['model']}; window: {meta['window']}; interval: "
+             f"{meta['interval']}", ha="center", va="top", fontsize=7.5, wrap=True)  # fmt: skip
+    fig.suptitle(ctx.opt("title", "Decay rates of the equivariance error and the twirled error"))
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Hessian spectral densities (SLQ)
+
+
+def _density(rows: pl.DataFrame) -> Density:
+    probes = sorted(set(rows.get_column("probe").to_list()))
+    m = max(rows.filter(pl.col("probe") == p).height for p in probes)
+    nodes = np.full((len(probes), m), np.nan)
+    weights = np.zeros((len(probes), m))
+    for i, p in enumerate(probes):
+        g = rows.filter(pl.col("probe") == p)
+        nodes[i, : g.height] = g.get_column("node").to_numpy()
+        weights[i, : g.height] = g.get_column("weight").to_numpy()
+    return Density(nodes, weights, 1, rows.get_column("method")[0])
+
+
+@register_kind("hessian_density")
+def hessian_density(ctx: FigureContext) -> Figure:
+    folder = ctx.analysis_dir("landscape_threshold.parquet")
+    dens = pl.read_parquet(folder / "landscape_density.parquet")
+    thr = pl.read_parquet(folder / "landscape_threshold.parquet")
+    meta = json.loads((folder / "landscape.json").read_text())
+    fig, (ax_d, ax_k, ax_c) = _panels(ctx, 3, 3, size=(4.4, 3.6))
+    lin = 1e-4  # symlog: linear within ±1e-4 λmax
+    for loss in ("mean", "equiv"):
+        for method, ls in (("slq", "-"), ("exact", "--")):
+            rows = dens.filter((pl.col("loss") == loss) & (pl.col("method") == method))
+            if rows.height == 0:
+                continue
+            d = _density(rows)
+            lmax = d.lambda_max
+            # the density of u = symlog(λ / λmax): every node's weight spread over a grid in u
+            u = np.sign(d.nodes) * np.log10(1 + np.abs(d.nodes / lmax) / lin)
+            du = Density(u, d.weights, 1, method)
+            grid = np.linspace(np.nanmin(u) - 0.3, np.nanmax(u) + 0.3, 400)
+            label = f"{SLQ_LABELS[loss]} ({'SLQ' if method == 'slq' else 'exact'})"
+            ax_d.plot(grid, du.smoothed(grid, 0.08), ls=ls, color=LOSS_COLORS[loss], label=label)
+            t = thr.filter((pl.col("loss") == loss) & (pl.col("method") == method)).sort(
+                "threshold"
+            )
+            ax_k.plot(t["threshold"], t["kappa"], ls=ls, color=LOSS_COLORS[loss], label=label)
+            if method == "slq":  # filled: resolved; hollow: the count there is not resolved
+                res = t["resolved"].to_numpy()
+                for sel, face in ((res, LOSS_COLORS[loss]), (~res, "white")):
+                    ax_k.plot(t["threshold"].to_numpy()[sel], t["kappa"].to_numpy()[sel], "o",
+                              ms=3.5, mfc=face, mec=LOSS_COLORS[loss])  # fmt: skip
+            c, se = t["count"].to_numpy(), t["count_se"].fill_nan(0.0).to_numpy()
+            ax_c.plot(t["threshold"], c, ls=ls, color=LOSS_COLORS[loss], label=label)
+            if method == "slq":
+                ax_c.fill_between(t["threshold"], np.clip(c - se, 0.5, None), c + se,
+                                  color=LOSS_COLORS[loss], alpha=0.2, lw=0)  # fmt: skip
+    ticks = np.array([-1, -1e-2, 0, 1e-2, 1])
+    ax_d.set_xticks(np.sign(ticks) * np.log10(1 + np.abs(ticks) / lin),
+                    ["-1", "-1e-2", "0", "1e-2", "1"])  # fmt: skip
+    ax_d.set_yscale("log")
+    ax_d.set_ylim(bottom=1e-3)
+    ax_d.set_xlabel(r"eigenvalue / $\lambda_{max}$ (symmetric log)")
+    ax_d.set_ylabel("spectral density (smoothed)")
+    ax_d.legend(fontsize=7.5)
+    taus = np.sort(thr["threshold"].unique().to_numpy())
+    ax_k.plot(taus, 1 / taus, color="0.5", ls=":", label=r"$1/\tau$ (set by the cut-off)")
+    ax_k.set_xscale("log")
+    ax_k.set_yscale("log")
+    ax_k.set_xlabel(r"threshold $\tau$ (relative to $\lambda_{max}$)")
+    ax_k.set_ylabel(r"$\kappa(\tau) = \lambda_{max} / \lambda_{min}(\tau)$")
+    ax_k.legend(fontsize=7.5)
+    ax_c.set_xscale("log")
+    ax_c.set_yscale("log")
+    ax_c.set_xlabel(r"threshold $\tau$")
+    ax_c.set_ylabel(r"eigenvalues above $\tau\,\lambda_{max}$")
+    n = int(thr["n_params"][0])
+    ax_c.axhline(n, color="0.5", ls=":", lw=0.8)
+    spec = meta.get("spec", {})
+    fig.suptitle(ctx.opt("title", f"Hessian spectra of {meta.get('param')} ({n} parameters; "
+                 f"SLQ {spec.get('slq_probes')} probes x {spec.get('slq_steps')} steps)"),
+                 fontsize=11)  # fmt: skip
     return fig
 
 
