@@ -56,7 +56,7 @@ bench: $(VENV)/.installed
 	source $(VENV)/bin/activate && python bench/eval_overhead.py && python bench/parse_speed.py && python bench/plan_speed.py
 
 lint: $(VENV)/.installed
-	source $(VENV)/bin/activate && ruff check . && ruff format --check . && snakefmt --check workflow rules && snakemake --lint
+	source $(VENV)/bin/activate && ruff check . && ruff format --check . && snakefmt --check workflow rules && snakemake --lint && mypy
 
 dryrun-paper: $(VENV)/.installed
 	source $(VENV)/bin/activate && time snakemake -n --configfile config/paper.yaml --quiet rules

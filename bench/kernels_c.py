@@ -44,7 +44,7 @@ def cue_status() -> str:
     return "cuda kernels"
 
 
-def build(torch, device, model: str, size: str, overrides: dict):
+def build(device, model: str, size: str, overrides: dict):
     from equipipe.tasks.forcefield import ForceFieldTask
 
     task = ForceFieldTask({"model": model, "model_overrides": overrides})
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         if kernel == "cuequivariance":
             row["cuequivariance"] = cue
         try:
-            task, net = build(torch, device, model, a.size, overrides)
+            task, net = build(device, model, a.size, overrides)
             row["sec_per_step"] = sec_per_step(torch, device, task, net, batch, a.warmup, a.steps)
         except Exception as err:  # noqa: BLE001 - a bench row reports what failed, and goes on
             row["error"] = f"{type(err).__name__}: {err}"[:200]

@@ -47,33 +47,24 @@ from typing import Any
 import numpy as np
 import polars as pl
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from equipipe import landscape as ls
-from equipipe.config import defaults
+from equipipe.config import defaults, with_defaults
 from equipipe.equivariance import (
+    broadcast_mask,
     canonical_predictions,
     decomposition_from_predictions,
     example_rotations,
 )
 from equipipe.forcehead import HEAD_PARAM, head_equiv_error, with_twirled_head
+from equipipe.models import interface
 from equipipe.so3 import octahedral_rotations
-from equipipe.tasks.base import Batch
+from equipipe.tasks.base import Batch, Task
 
 LANDSCAPE_DEFAULTS: dict[str, Any] = defaults("analysis", "landscape")  # the schema's
 
 TWIRLING_DEFAULTS: dict[str, Any] = defaults("analysis", "twirling")  # the schema's
-
-
-def _resolve(spec: dict | None, defaults: dict[str, Any], what: str) -> dict[str, Any]:
-    spec = dict(spec or {})
-    spec.pop("kind", None)
-    unknown = sorted(set(spec) - set(defaults))
-    if unknown:
-        raise ValueError(
-            f"{what} spec key {unknown[0]!r} is unknown; allowed: {', '.join(sorted(defaults))}"
-        )
-    return {**defaults, **spec}
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -84,7 +75,7 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def _load(run_dir: Path, spec: dict):
-    from equipipe.runs import load_run  # noqa: PLC0415 (heavy: data loader, store)
+    from equipipe.runs import load_run  # heavy: data loader, store
 
     run = load_run(run_dir, spec["checkpoint"], device=spec["device"])
     batches = run.batches(spec["split"], spec["n_examples"], spec["batch_size"])
@@ -102,17 +93,13 @@ def _step_of(info: dict, checkpoint: str) -> int | None:
     return int(total) if total else None
 
 
-def _unit(task, field: str) -> str | None:
-    return (getattr(task, "units", None) or {}).get(field)
-
-
 # --------------------------------------------------------------------------------------------
 # Landscape
 
 
 def landscape_from_model(
     model: nn.Module,
-    task,
+    task: Task,
     batches: list[Batch],
     spec: dict | None = None,
     generator: torch.Generator | None = None,
@@ -127,7 +114,7 @@ def landscape_from_model(
     Returns ``landscape.run_landscape``'s dict with "kappa" rows completed with the block and
     evaluation facts, and "meta".
     """
-    spec = _resolve(spec, LANDSCAPE_DEFAULTS, "landscape")
+    spec = with_defaults(spec, LANDSCAPE_DEFAULTS, "landscape")
     seed = spec["seed"] if spec["seed"] is not None else 0
     gen = generator if generator is not None else torch.Generator().manual_seed(seed)
     gen_state = gen.get_state()
@@ -214,7 +201,7 @@ def landscape_from_model(
         )
     facts = {
         "param": obj.param_name, "n_params": obj.n_params, "field": obj.field,
-        "unit": _unit(task, obj.field), "k": 24 if rotations == "octahedral" else k,
+        "unit": task.units.get(obj.field), "k": 24 if rotations == "octahedral" else k,
         "rotations": rotations, "n_elements": obj.n_elements,
         "dtype": str(dtype).replace("torch.", ""),
     }  # fmt: skip
@@ -275,7 +262,11 @@ def hessian_densities(
 
 def _closed_form_equiv(obj: ls.BlockObjective, views: list[ls.View]) -> float | None:
     """The direct head's exact per-element L_equiv over ``views`` (no mask), or None."""
-    if obj.param_name != HEAD_PARAM or obj.field != "forces" or not _has_direct_head(obj.model):
+    if (
+        obj.param_name != HEAD_PARAM
+        or obj.field != "forces"
+        or not interface.direct_force_head(obj.model) is not None
+    ):
         return None
     total, n = 0.0, 0
     for v in views:
@@ -349,7 +340,7 @@ def _logged_values(run_dir: Path, step: int | None, field: str) -> dict[str, flo
 def landscape(run_dir: str | Path, out_dir: str | Path, spec: dict | None = None) -> dict[str, Any]:
     """Landscape analysis of one run's checkpoint (default ``early.pt``); writes ``out_dir``."""
     t0 = time.perf_counter()
-    spec = _resolve(spec, LANDSCAPE_DEFAULTS, "landscape")
+    spec = with_defaults(spec, LANDSCAPE_DEFAULTS, "landscape")
     run, batches = _load(Path(run_dir), spec)
     eval_cfg = run.info.get("eval_config", {})
     if spec["k"] is None:
@@ -366,7 +357,7 @@ def landscape(run_dir: str | Path, out_dir: str | Path, spec: dict | None = None
     logged = _logged_values(Path(run_dir), step, res["meta"]["field"]) if not spec["labels"] else {}
     meta = {"checkpoint": spec["checkpoint"], "step": step, "spec": spec, "run": str(run_dir),
             "experiment": run.info.get("experiment"), "seed": run.info.get("seed"),
-            "task": getattr(run.task, "name", None), "logged_at_step": logged,
+            "task": run.task.name, "logged_at_step": logged,
             "seconds": time.perf_counter() - t0}  # fmt: skip
     write_landscape(res, Path(out_dir), meta)
     return res
@@ -380,22 +371,14 @@ def _label_key(labels: dict) -> tuple:
     return tuple(sorted((str(k), v) for k, v in labels.items()))
 
 
-def _masked_sum(sq, mask) -> float:
-    if mask is None:
-        return float(sq.sum())
-    m = mask.to(torch.bool)
-    while m.dim() < sq.dim():
-        m = m.unsqueeze(-1)
-    return float((sq * m.expand_as(sq).to(sq.dtype)).sum())
-
-
-def _has_direct_head(model: nn.Module) -> bool:
-    return hasattr(model, "force_head_features") and HEAD_PARAM in dict(model.named_parameters())
+def _masked_sum(sq: Tensor, mask: Tensor | None) -> float:
+    m = broadcast_mask(mask, sq)
+    return float(sq.sum() if m is None else (sq * m.to(sq.dtype)).sum())
 
 
 def twirling_from_model(
     model: nn.Module,
-    task,
+    task: Task,
     batches: list[Batch],
     spec: dict | None = None,
     generator: torch.Generator | None = None,
@@ -410,7 +393,7 @@ def twirling_from_model(
     Views carrying a finite rotation set (``task.rotation_set``) are skipped. ``generator``
     fixes the views (flow time, noise); default seeded with ``spec["seed"]``.
     """
-    spec = _resolve(spec, TWIRLING_DEFAULTS, "twirling")
+    spec = with_defaults(spec, TWIRLING_DEFAULTS, "twirling")
     ks = sorted({int(k) for k in spec["ks"]})
     if not ks or ks[0] < 1:
         raise ValueError(f"twirling ks must be positive integers, got {spec['ks']}")
@@ -423,16 +406,14 @@ def twirling_from_model(
     gen = generator if generator is not None else torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
-    rotation_set = getattr(task, "rotation_set", None)
-    exact = bool(spec["exact"]) and _has_direct_head(model)
+    exact = bool(spec["exact"]) and interface.direct_force_head(model) is not None
     dtype = next(model.parameters()).dtype
     twin = with_twirled_head(model).eval() if exact else None  # the exact K -> infinity twirl
 
     views = []
     for batch in batches:
-        pairs = task.eval_views(batch, gen) if hasattr(task, "eval_views") else [({}, batch)]
-        for lab, view in list(pairs):
-            if rotation_set is not None and rotation_set(lab) is not None:
+        for lab, view in task.eval_views(batch, gen):
+            if task.rotation_set(lab) is not None:
                 continue
             if ls._label_match(lab, spec["labels"]):
                 views.append((dict(lab), view))
@@ -510,7 +491,7 @@ def twirling_from_model(
                 "predicted": float(pred_r.mean()), "predicted_se": _se(pred_r),
                 "mean_unbiased": float(mean_r.mean()), "equiv_unbiased": float(equiv_r.mean()),
                 "k_decomp": k_dec, "exact_twirl_mse": None, "exact_equiv": None, "exact_predicted": None,
-                "n_elements": n, "unit": _unit(task, f),
+                "n_elements": n, "unit": task.units.get(f),
             }  # fmt: skip
             if key in exact_mean:
                 em, ee = exact_mean[key] / n, exact_equiv[key] / n
@@ -534,7 +515,7 @@ def _se(x: np.ndarray) -> float:
 def twirling(run_dir: str | Path, out_dir: str | Path, spec: dict | None = None) -> pl.DataFrame:
     """Twirling analysis of one run's checkpoint (default ``model.pt``); writes ``out_dir``."""
     t0 = time.perf_counter()
-    spec = _resolve(spec, TWIRLING_DEFAULTS, "twirling")
+    spec = with_defaults(spec, TWIRLING_DEFAULTS, "twirling")
     run, batches = _load(Path(run_dir), spec)
     table = twirling_from_model(run.model, run.task, batches, spec, run.eval_generator())
     out_dir = Path(out_dir)
@@ -542,8 +523,8 @@ def twirling(run_dir: str | Path, out_dir: str | Path, spec: dict | None = None)
     table.write_parquet(out_dir / "twirling.parquet")
     meta = {"checkpoint": spec["checkpoint"], "step": _step_of(run.info, spec["checkpoint"]),
             "spec": spec, "run": str(run_dir), "experiment": run.info.get("experiment"),
-            "seed": run.info.get("seed"), "task": getattr(run.task, "name", None),
-            "primary_field": getattr(run.task, "primary_field", None),
+            "seed": run.info.get("seed"), "task": run.task.name,
+            "primary_field": run.task.primary_field,
             "seconds": time.perf_counter() - t0}  # fmt: skip
     (out_dir / "twirling.json").write_text(json.dumps(meta, indent=1, default=str))
     return table

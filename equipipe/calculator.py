@@ -41,6 +41,7 @@ import torch
 from ase.calculators.calculator import Calculator, all_changes
 from torch import nn
 
+from equipipe.models import interface
 from equipipe.so3 import haar_rotations
 
 TWIRLS = (None, "exact", "fixed", "redraw")
@@ -56,7 +57,7 @@ def load_checkpoint(
     ``checkpoint`` is a path inside the run folder: ``model.pt``, ``early.pt``,
     ``checkpoints/step100.pt``. Reads nothing but ``run.json`` and that file (no data store).
     """
-    from equipipe.tasks import make_task  # noqa: PLC0415
+    from equipipe.tasks import make_task  # lazy: the task modules import the models
 
     run_dir = Path(run_dir)
     info = json.loads((run_dir / "run.json").read_text())
@@ -104,11 +105,9 @@ class EquipipeCalculator(Calculator):
         self.forces_mode, self.twirl, self.k, self.seed = forces, twirl, int(k), int(seed)
         model = model.to(self.device, self.dtype).eval()
         if twirl == "exact":
-            from equipipe.forcehead import HEAD_PARAM, with_twirled_head  # noqa: PLC0415
+            from equipipe.forcehead import HEAD_PARAM, with_twirled_head
 
-            if not hasattr(model, "force_head_features") or HEAD_PARAM not in dict(
-                model.named_parameters()
-            ):
+            if interface.direct_force_head(model) is None:
                 raise ValueError(
                     f"twirl='exact' needs escaip's direct force head ({HEAD_PARAM}); "
                     f"{type(model).__name__} has none: use twirl='fixed' or 'redraw'"

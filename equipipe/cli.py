@@ -18,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+from equipipe import __version__
 from equipipe.logs import LEVEL_ENV, LEVELS, configure_logging
 
 DATASETS = ("spice", "pdb", "geom")
@@ -109,8 +110,9 @@ def cmd_collect(a) -> None:
 def cmd_figure(a) -> None:
     import polars as pl
 
-    from equipipe.collect import load_runs, read_metrics
+    from equipipe.collect import load_runs
     from equipipe.figures import make_figure
+    from equipipe.metrics import read_metrics
 
     spec = _json(a.spec)
     dirs = [Path(r) for r in a.runs or []]
@@ -236,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Subcommands are called by the Snakemake rules (workflow/Snakefile); run the whole study "
         "with `snakemake --cores N` (see README.md and config/README.md).",
     )
+    p.add_argument("--version", action="version", version=f"equipipe {__version__}")
     p.add_argument(
         "--debug",
         action="store_true",

@@ -1,7 +1,7 @@
 """Stack every run's metric table and compare the measured curves with the study's numbers.
 
 ``collect(run_dirs, out_metrics, out_comparison)`` reads ``<run>/metrics.parquet`` (long
-format, docs/CONTRACTS.md) and ``<run>/run.json`` for every run and writes
+format, ``equipipe.metrics``) and ``<run>/run.json`` for every run and writes
 
 * ``out_metrics`` (``results/metrics_all.parquet``): all rows, with ``experiment, seed, task,
   model, size`` in front;
@@ -37,11 +37,10 @@ from pathlib import Path
 
 import polars as pl
 
+from equipipe.metrics import empty_metrics, read_metrics
 from equipipe.smoothing import DEFAULT_S, dip
 
 __all__ = [
-    "METRICS_SCHEMA",
-    "METRICS_SCHEMA_VERSION",
     "STUDY_REF",
     "collect",
     "comparison_table",
@@ -51,32 +50,6 @@ __all__ = [
     "render_rst",
     "run_key",
 ]
-
-METRICS_SCHEMA: dict[str, pl.DataType] = {
-    "step": pl.Int64,
-    "epoch": pl.Float64,
-    "wall_s": pl.Float64,
-    "split": pl.String,
-    "metric": pl.String,
-    "field": pl.String,
-    "t": pl.Float64,
-    "value": pl.Float64,
-    "n_elements": pl.Int64,
-    "unit": pl.String,
-    "ell": pl.String,  # irrep label of spectrum rows ("0".."lmax", A1..T2), else null (v2)
-    "layer": pl.String,  # probed module of hidden-feature rows, else null (v2)
-}
-# 1: the first ten columns; 2: adds the nullable ``ell`` and ``layer`` (tables of version 1
-# are read with both null). run.json records the version its metrics.parquet was written with.
-METRICS_SCHEMA_VERSION = 2
-NULLABLE_SINCE: dict[str, int] = {"ell": 2, "layer": 2}
-RUN_COLUMNS: dict[str, pl.DataType] = {
-    "experiment": pl.String,
-    "seed": pl.Int64,
-    "task": pl.String,
-    "model": pl.String,
-    "size": pl.String,
-}
 
 # The study's headline numbers (PAPER.md, "Headline numbers"), read off the authors' figures.
 # Keyed by the experiment KIND a config names with ``study_ref``. Text columns keep the
@@ -211,41 +184,6 @@ def pct_scale(units) -> float:
         if u is not None and str(u).strip().lower() in ("%", "percent", "pct"):
             return 1.0
     return 100.0
-
-
-def read_metrics(run_dir: Path, info: dict) -> pl.DataFrame:
-    path = Path(run_dir) / "metrics.parquet"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: is {run_dir} a finished run directory?")
-    df = pl.read_parquet(path)
-    version = int(info.get("metrics_schema_version", 1))
-    if version > METRICS_SCHEMA_VERSION:
-        raise ValueError(
-            f"{path} has metrics schema version {version}; this equipipe reads up to "
-            f"{METRICS_SCHEMA_VERSION}: update equipipe"
-        )
-    df = df.with_columns(
-        pl.lit(None, METRICS_SCHEMA[c]).alias(c)
-        for c, since in NULLABLE_SINCE.items()
-        if c not in df.columns and version < since
-    )
-    absent = [c for c in METRICS_SCHEMA if c not in df.columns]
-    if absent:
-        raise ValueError(f"{path} lacks column(s) {absent} (see docs/CONTRACTS.md, Metrics table)")
-    df = df.with_columns([pl.col(c).cast(dt) for c, dt in METRICS_SCHEMA.items()])
-    front = [
-        pl.lit(str(info["experiment"]), pl.String).alias("experiment"),
-        pl.lit(int(info["seed"]), pl.Int64).alias("seed"),
-        pl.lit(str(info["task"]), pl.String).alias("task"),
-        pl.lit(str(info["model"]), pl.String).alias("model"),
-        pl.lit(str(info["size"]), pl.String).alias("size"),
-    ]
-    extra = [c for c in df.columns if c not in METRICS_SCHEMA]
-    return df.select([*front, *METRICS_SCHEMA, *extra])
-
-
-def _empty_metrics() -> pl.DataFrame:
-    return pl.DataFrame(schema={**RUN_COLUMNS, **METRICS_SCHEMA})
 
 
 def _pct_rows(df: pl.DataFrame, primary_field: str | None) -> tuple[pl.DataFrame, str | None]:
@@ -618,7 +556,7 @@ def collect(
         df = read_metrics(d, info)
         frames.append(df)
         per_run.append((info, df))
-    metrics = pl.concat(frames, how="diagonal_relaxed") if frames else _empty_metrics()
+    metrics = pl.concat(frames, how="diagonal_relaxed") if frames else empty_metrics()
 
     out_metrics = Path(out_metrics)
     out_comparison = Path(out_comparison)

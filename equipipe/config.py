@@ -68,10 +68,15 @@ BLOCK_KINDS = (
 )
 
 
+def read_yaml(path: Path) -> Any:
+    """A YAML file with the safe loader (libyaml's when installed: planning stays fast)."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load(Path(path).read_text(), Loader=loader)
+
+
 @functools.cache
 def _schema() -> dict:
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: planning stays fast
-    return yaml.load(SCHEMA.read_text(), Loader=loader)
+    return read_yaml(SCHEMA)
 
 
 def schema() -> dict:
@@ -132,6 +137,19 @@ def defaults(kind: str, name: str) -> dict[str, Any]:
     """
     props = block_schema(kind, name).get("properties", {})
     return {k: copy.deepcopy(v["default"]) for k, v in props.items() if "default" in v}
+
+
+def with_defaults(spec: dict | None, base: dict[str, Any], what: str) -> dict[str, Any]:
+    """An analysis spec over its defaults ``base`` (``kind`` dropped); an unknown key is a
+    ValueError naming ``what`` and the allowed keys."""
+    spec = dict(spec or {})
+    spec.pop("kind", None)
+    unknown = sorted(set(spec) - set(base))
+    if unknown:
+        raise ValueError(
+            f"{what} spec key {unknown[0]!r} is unknown; allowed: {', '.join(sorted(base))}"
+        )
+    return {**base, **spec}
 
 
 def allowed_keys(kind: str, name: str) -> list[str]:
@@ -479,13 +497,7 @@ def _check_analyses(cfg: dict) -> None:
                     f"analyses.{name}.experiments: an efficiency analysis compares two "
                     "experiments (baseline, equivariant); list both"
                 )
-            spec = {**defaults("analysis", kind), **(a.get("spec") or {})}
-            for key in ("baseline", "equivariant"):
-                if spec[key] is not None and spec[key] not in exps:
-                    raise ConfigError(
-                        f"{where}.{key}: {spec[key]!r} is not one of analyses.{name}.experiments; "
-                        f"allowed: {', '.join(exps)}"
-                    )
+            spec = _spec_naming_experiments(a, kind, ("baseline", "equivariant"), where, name)
             have = sorted(set().union(*(metric_splits(cfg, e) for e in exps)))
             if spec["split"] not in have:
                 raise ConfigError(
@@ -505,19 +517,29 @@ def _check_analyses(cfg: dict) -> None:
                     f"analyses.{name}.experiments: an md analysis reads the runs of the model "
                     "under test (and of an e3nn floor); list them"
                 )
-            spec = {**defaults("analysis", kind), **(a.get("spec") or {})}
-            for key in ("model", "equivariant"):
-                if spec[key] is not None and spec[key] not in exps:
-                    raise ConfigError(
-                        f"{where}.{key}: {spec[key]!r} is not one of analyses.{name}.experiments; "
-                        f"allowed: {', '.join(exps)}"
-                    )
+            spec = _spec_naming_experiments(a, kind, ("model", "equivariant"), where, name)
             ds = dataset_of_experiment(cfg, spec["model"] or exps[0])
             have = split_names(cfg, ds)
             if spec["split"] not in have:
                 raise ConfigError(
                     f"{where}.split: {spec['split']!r} is not a split of dataset {ds!r}; allowed: {', '.join(have)}"
                 )
+
+
+def _spec_naming_experiments(
+    a: dict, kind: str, keys: tuple[str, ...], where: str, name: str
+) -> dict[str, Any]:
+    """An analysis spec over its defaults whose ``keys`` (when set) name experiments of the
+    analysis's ``experiments`` list; ConfigError naming the allowed ones otherwise."""
+    exps = list(a.get("experiments") or [])
+    spec = {**defaults("analysis", kind), **(a.get("spec") or {})}
+    for key in keys:
+        if spec[key] is not None and spec[key] not in exps:
+            raise ConfigError(
+                f"{where}.{key}: {spec[key]!r} is not one of analyses.{name}.experiments; "
+                f"allowed: {', '.join(exps)}"
+            )
+    return spec
 
 
 def _check_figures(cfg: dict) -> None:
@@ -582,8 +604,7 @@ def metric_splits(cfg: dict, experiment: str) -> set[str]:
 
 def load_config(path: Path) -> dict:
     """Read, validate (with defaults) and cross-check a config file."""
-    cfg = yaml.safe_load(Path(path).read_text())
-    return check_config(validate_schema(cfg))
+    return check_config(validate_schema(read_yaml(path)))
 
 
 # --- slices for jobs (pure functions of the config) -----------------------------------

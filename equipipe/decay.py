@@ -30,9 +30,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from equipipe.collect import read_metrics, read_run
+from equipipe.collect import read_run
 from equipipe.config import defaults
 from equipipe.fits import INTERVAL_METHOD, power_law_fit
+from equipipe.metrics import read_metrics
 
 __all__ = ["DECAY_SCHEMA", "LOSSES", "decay_table", "write_decay"]
 

@@ -11,7 +11,7 @@ that are stated next to every number this module produces (:data:`ASSUMPTIONS`).
 
 Input: two matched experiments on the same data — a non-equivariant ``baseline`` (e.g. EScAIP
 with rotation augmentation) and an ``equivariant`` one (same steps, or same wall-clock) — as
-the collected metrics table (CONTRACTS.md columns + ``experiment``, ``seed``) and their
+the collected metrics table (``equipipe.metrics`` columns + ``experiment``, ``seed``) and their
 run.json dicts keyed ``"<experiment>/<seed>"``.
 
 What is measured, and how noisy it is:
@@ -613,7 +613,8 @@ def efficiency_table(metrics: pl.DataFrame, runs: dict[str, dict], spec: dict) -
 def write_efficiency_table(run_dirs, out: Path, spec: dict) -> pl.DataFrame:
     """Read finished run directories, write :func:`efficiency_table` to ``out`` (.parquet; a .csv
     beside it for the report) and return it."""
-    from equipipe.collect import load_runs, read_metrics
+    from equipipe.collect import load_runs
+    from equipipe.metrics import read_metrics
 
     dirs = [Path(d) for d in run_dirs]
     runs = load_runs(dirs)

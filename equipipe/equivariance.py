@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal, overload
 
 import torch
 from torch import Tensor, nn
 
+from equipipe.models import interface
 from equipipe.so3 import haar_rotations
 from equipipe.tasks.base import Batch, Task
 
@@ -109,8 +111,9 @@ class Decomposition:
         if (self.k, self.exhaustive) != (other.k, other.exhaustive):
             raise ValueError("cannot add decompositions with different K or exhaustiveness")
         moments = {
-            key: tuple(a + b for a, b in zip(self.moments[key], other.moments[key]))
+            key: (a[0] + b[0], a[1] + b[1], a[2] + b[2])
             for key in self.moments
+            for a, b in [(self.moments[key], other.moments[key])]
         }
         return Decomposition(
             self.total + other.total,
@@ -124,7 +127,9 @@ class Decomposition:
         )
 
 
-def _broadcast_mask(mask: Tensor | None, y: Tensor) -> Tensor | None:
+def broadcast_mask(mask: Tensor | None, y: Tensor) -> Tensor | None:
+    """An element mask broadcast from the left to y's shape: (B, L) for a (B, L, 3) target
+    gives (B, L, 3) bool; None stays None (every element counts)."""
     if mask is None:
         return None
     mask = mask.to(torch.bool)
@@ -153,7 +158,7 @@ def decomposition_terms(
     total_el = (y.unsqueeze(0) - z).pow(2).mean(0)
     mean_el = (y - zbar).pow(2)
     equiv_el = (z - zbar.unsqueeze(0)).pow(2).mean(0)
-    m = _broadcast_mask(mask, y)
+    m = broadcast_mask(mask, y)
     if m is None:
         return total_el.sum(), mean_el.sum(), equiv_el.sum(), y.numel()
     w = m.to(z.dtype)
@@ -220,7 +225,7 @@ def _unit_sums(
     zbar = z.mean(0)
     total_el = (y.unsqueeze(0) - z).pow(2).mean(0)
     equiv_el = (z - zbar.unsqueeze(0)).pow(2).mean(0)
-    w = _broadcast_mask(mask, y)
+    w = broadcast_mask(mask, y)
     w = torch.ones_like(y) if w is None else w.to(y.dtype)
     per = [(a * w).reshape(lead, -1).sum(1) for a in (total_el, equiv_el, w)]
     if index is None:
@@ -263,11 +268,29 @@ def no_grad(model: nn.Module):
     """The context for gradient-free forwards: ``torch.inference_mode`` (no autograd
     bookkeeping at all), or ``torch.no_grad`` for a model that differentiates inside its own
     forward (``autograd_in_forward``, e.g. gradient forces)."""
-    return (
-        torch.no_grad() if getattr(model, "autograd_in_forward", False) else torch.inference_mode()
-    )
+    return torch.no_grad() if interface.autograd_in_forward(model) else torch.inference_mode()
 
 
+@overload
+def canonical_predictions(
+    model: nn.Module,
+    task: Task,
+    batch: Batch,
+    R: Tensor,
+    device_strategy: str = ...,
+    plain: Literal[False] = ...,
+    probed: list[str] | None = ...,
+) -> dict[str, Tensor]: ...
+@overload
+def canonical_predictions(
+    model: nn.Module,
+    task: Task,
+    batch: Batch,
+    R: Tensor,
+    device_strategy: str,
+    plain: Literal[True],
+    probed: list[str] | None = ...,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]: ...
 def canonical_predictions(
     model: nn.Module,
     task: Task,
@@ -279,8 +302,8 @@ def canonical_predictions(
 ) -> dict[str, Tensor] | tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Canonicalised predictions of every field for rotations R (K, B, 3, 3).
 
-    A task may share work across the K rotations where the maths allows: when it has
-    ``shared_rotated_predictions(model, batch, R, plain)`` and that returns a result (e.g. the force
+    A task may share work across the K rotations where the maths allows: when its
+    ``shared_rotated_predictions(model, batch, R, plain)`` returns a result (e.g. the force
     field with a model whose trunk is rotation invariant: one trunk pass, K cheap heads), that
     is used instead of K forwards (``device_strategy`` then does not apply).
 
@@ -297,14 +320,17 @@ def canonical_predictions(
     k = R.shape[0]
     device = next(iter(batch.values())).device
     R = R.to(device)
-    shared = getattr(task, "shared_rotated_predictions", None)
-    per_copy = tuple(getattr(model, "per_copy_modules", ()))
-    if probed and not all(any(n == p or n.startswith(p + ".") for p in per_copy) for n in probed):
-        shared = None
-    out = shared(model, batch, R, plain) if shared is not None else None
+    per_copy = interface.per_copy_modules(model)
+    shareable = not probed or all(
+        any(n == p or n.startswith(p + ".") for p in per_copy) for n in probed
+    )
+    out = task.shared_rotated_predictions(model, batch, R, plain) if shareable else None
     if out is not None:
-        z, pred = out
-        return (z, pred) if plain else z
+        z, shared_pred = out
+        if not plain:
+            return z
+        assert shared_pred is not None, "shared_rotated_predictions(plain=True) gives it"
+        return z, shared_pred
     if _resolve_strategy(device_strategy, batch) == "batched":
         big = task.repeat(batch, k)
         Rb = R.reshape(-1, 3, 3)
@@ -347,13 +373,10 @@ def decompose(
     Returns:
         field -> Decomposition (sums over that field's elements, in the task's units).
     """
-    B = task.num_examples(batch)
-    R = example_rotations(B, k, generator, rotations)
-    probed = record.get("layers") if record is not None else None
-    with no_grad(model):
-        z = canonical_predictions(model, task, batch, R, device_strategy, probed=probed)
-        y = task.target(batch)
-    return _decompositions(task, batch, z, y, R, rotations is not None, record)
+    view = evaluate_view(
+        model, task, batch, k, generator, device_strategy, rotations, record, plain=False
+    )
+    return view.decompositions
 
 
 def _decompositions(task, batch, z, y, R, exhaustive, record) -> dict[str, Decomposition]:
@@ -423,9 +446,12 @@ def evaluate_view(
     B = task.num_examples(batch)
     R = example_rotations(B, k, generator, rotations)
     probed = record.get("layers") if record is not None else None
+    pred: dict[str, Tensor] | None = None
     with torch.enable_grad() if gradients else no_grad(model):
-        out = canonical_predictions(model, task, batch, R, device_strategy, plain, probed)
-    z, pred = out if plain else (out, None)
+        if plain:
+            z, pred = canonical_predictions(model, task, batch, R, device_strategy, True, probed)
+        else:
+            z = canonical_predictions(model, task, batch, R, device_strategy, False, probed)
     with no_grad(model):
         y = task.target(batch)
     zd = {f: v.detach() for f, v in z.items()}

@@ -27,7 +27,10 @@ import copy
 import torch
 from torch import Tensor, nn
 
-HEAD_PARAM = "force_head.linear.weight"
+from equipipe.models import interface
+from equipipe.models.interface import DIRECT_HEAD_PARAM
+
+HEAD_PARAM = DIRECT_HEAD_PARAM  # the direct head's weight (equipipe.models.interface)
 
 
 def twirled_head_weight(W: Tensor) -> Tensor:
@@ -72,7 +75,7 @@ def exact_head_equiv_error(
 
 
 def _features(model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    if not hasattr(model, "force_head_features"):
+    if interface.direct_force_head(model) is None:
         raise TypeError(
             f"{type(model).__name__} has no force_head_features(batch); the closed form needs the "
             "direct force head of models.escaip"

@@ -56,7 +56,7 @@ def _lock_name(device: str) -> str:
 
 
 def _try_lock(path: Path) -> IO[str] | None:
-    f = open(path, "a+")  # noqa: SIM115 - held for the lease, closed on release
+    f = open(path, "a+")  # held for the lease, closed on release
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import polars as pl
 
-from equipipe.collect import _run_rows, read_metrics, read_run
+from equipipe.collect import _run_rows, read_run
+from equipipe.metrics import read_metrics
 from equipipe.smoothing import DEFAULT_S
 
 __all__ = ["HEADLINE_SCHEMA", "QUANTITIES", "headline_table", "write_headlines"]

@@ -42,8 +42,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from equipipe.equivariance import canonical_predictions, decomposition_terms, example_rotations
-from equipipe.tasks.base import Batch
+from equipipe.equivariance import (
+    broadcast_mask,
+    canonical_predictions,
+    decomposition_terms,
+    example_rotations,
+)
+from equipipe.tasks.base import Batch, Task
 
 LOSSES: tuple[str, ...] = ("total", "mean", "equiv")
 # Blocks tried in order when none is named: the direct force head, the flow-matching decoder.
@@ -267,7 +272,7 @@ def _close(a, b) -> bool:
 
 
 def make_views(
-    task,
+    task: Task,
     batches: Iterable[Batch],
     k: int,
     generator: torch.Generator,
@@ -277,21 +282,15 @@ def make_views(
 ) -> list[View]:
     """Evaluation views with every random choice fixed, drawn in the training evaluation's order.
 
-    Per batch: ``task.eval_views(batch, generator)`` (if the task has it), then per view K
+    Per batch: ``task.eval_views(batch, generator)``, then per view K
     rotations per example from the same generator (as ``decompose`` draws them), or a finite
     set applied exhaustively (``rotations`` (G, 3, 3), or the task's ``rotation_set(labels)``).
     ``labels`` keeps only views whose labels match (e.g. {"t": [0.2, 0.9]}).
     """
     out = []
-    rotation_set = getattr(task, "rotation_set", None)
     for batch in batches:
-        views = task.eval_views(batch, generator) if hasattr(task, "eval_views") else [({}, batch)]
-        for lab, view in list(views):
-            group = (
-                rotations
-                if rotations is not None
-                else (rotation_set(lab) if rotation_set else None)
-            )
+        for lab, view in task.eval_views(batch, generator):
+            group = rotations if rotations is not None else task.rotation_set(lab)
             R = example_rotations(task.num_examples(view), k, generator, group, dtype=dtype)
             if _label_match(lab, labels):
                 out.append(
@@ -312,7 +311,7 @@ class BlockObjective:
     def __init__(
         self,
         model: nn.Module,
-        task,
+        task: Task,
         views: list[View],
         param: str | None = None,
         field: str | None = None,
@@ -350,7 +349,7 @@ class BlockObjective:
             total = 0
             for v in self.views:
                 y = self.task.target(v.batch)[self.field]
-                mask = _element_weight(self._mask(v), y)
+                mask = broadcast_mask(self._mask(v), y)
                 total += y.numel() if mask is None else int(mask.sum())
             self._n_elements = total
         return self._n_elements
@@ -467,7 +466,7 @@ class BlockObjective:
                 if affine_error > self.affine_tolerance:
                     return None
             y = self.task.target(v.batch)[self.field].detach()
-            w = _element_weight(self._mask(v), y)
+            w = broadcast_mask(self._mask(v), y)
             k = z0.shape[0]
             z0f = z0.reshape(k, -1).double()
             Af = A.reshape(P, k, -1).double()
@@ -564,17 +563,8 @@ class BlockObjective:
         }
 
 
-def _element_weight(mask: Tensor | None, y: Tensor) -> Tensor | None:
-    if mask is None:
-        return None
-    m = mask.to(torch.bool)
-    while m.dim() < y.dim():
-        m = m.unsqueeze(-1)
-    return m.expand_as(y)
-
-
 def _count(y: Tensor, mask: Tensor | None) -> int:
-    w = _element_weight(mask, y)
+    w = broadcast_mask(mask, y)
     return y.numel() if w is None else int(w.sum())
 
 

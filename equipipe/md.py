@@ -59,21 +59,14 @@ from ase.md.velocitydistribution import Stationary, ZeroRotation, thermalize_mom
 from ase.md.verlet import VelocityVerlet
 
 from equipipe.calculator import EquipipeCalculator, load_checkpoint
-from equipipe.config import defaults
+from equipipe.config import defaults, with_defaults
 from equipipe.so3 import haar_rotations
 
 MD_DEFAULTS: dict[str, Any] = defaults("analysis", "md")  # the schema's ("analysis:md")
 
 
 def resolve_spec(spec: dict | None) -> dict[str, Any]:
-    spec = dict(spec or {})
-    spec.pop("kind", None)
-    unknown = sorted(set(spec) - set(MD_DEFAULTS))
-    if unknown:
-        raise ValueError(
-            f"md spec key {unknown[0]!r} is unknown; allowed: {', '.join(sorted(MD_DEFAULTS))}"
-        )
-    out = {**MD_DEFAULTS, **spec}
+    out = with_defaults(spec, MD_DEFAULTS, "md")
     if out["dtype"] not in ("float32", "float64"):
         raise ValueError(f"md dtype {out['dtype']!r} is unknown; allowed: float32, float64")
     n_steps = out["length_fs"] / out["timestep_fs"]
@@ -298,7 +291,7 @@ def held_out_molecules(
 ) -> list[dict[str, np.ndarray]]:
     """First conformer of each of the first ``n`` distinct molecules of ``split`` (rank order),
     among those with at most ``max_atoms`` atoms when given."""
-    from equipipe.store import Store  # noqa: PLC0415
+    from equipipe.store import Store
 
     store = Store(info["data"]["store"])
     held = pl.read_parquet(info["data"]["split"]).filter(pl.col("split") == split).sort("rank")

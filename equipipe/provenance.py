@@ -5,8 +5,8 @@
 * ``code``: git commit of ``repo`` and whether its tree was dirty (tracked changes or untracked,
   not-ignored files); in an unpacked ``equipipe archive`` (no git) the commit recorded in its
   ``ARCHIVE.json``;
-* ``environment``: sha256 of the lock file, Python, torch, CUDA (``torch.version.cuda``; null for
-  the CPU build), Snakemake and numpy versions;
+* ``environment``: equipipe's version (``equipipe.__version__``), sha256 of the lock file, Python,
+  torch, CUDA (``torch.version.cuda``; null for the CPU build), Snakemake and numpy versions;
 * ``machine``: platform string, architecture, CPU model, host name, CUDA device names;
 * ``runs``: per run (from its ``run.json``) experiment, seed, device, git commit, torch version;
   ``runs_commit_mismatch`` lists runs whose commit differs from ``code.commit``;
@@ -30,6 +30,8 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from equipipe import __version__
 
 __all__ = ["file_sha256", "gather_provenance", "render_rst", "write_provenance"]
 
@@ -88,6 +90,7 @@ def environment_info(lock: Path | None) -> dict[str, Any]:
     import torch
 
     return {
+        "equipipe": __version__,
         "lock": str(lock) if lock else None,
         "lock_sha256": file_sha256(lock) if lock and lock.is_file() else None,
         "python": platform.python_version(),
@@ -287,6 +290,7 @@ def render_rst(p: dict[str, Any]) -> str:
         _table(
             ["what", "value"],
             [
+                ["equipipe", _cell(env.get("equipipe"))],  # null in records made before it was kept
                 ["git commit", _cell(code["commit"])],
                 ["tree dirty", dirty],
                 ["lock sha256", _cell(env["lock_sha256"])],

@@ -75,13 +75,38 @@ def octahedral_rotations(dtype: torch.dtype = torch.float32) -> Tensor:
 
 
 def rotate_vectors(x: Tensor, R: Tensor) -> Tensor:
-    """Apply R to row vectors: x (..., 3), R (3, 3) -> (..., 3) with entries R @ x."""
-    return x @ R.transpose(-1, -2)
+    """Apply R to row vectors: entries R @ x.
+
+    Args:
+        x: (..., 3) row vectors.
+        R: (3, 3) for all of them, or batched (*lead, 3, 3) broadcasting with x's leading
+            dimensions as in matrix multiplication: x (B, L, 3) with R (B, 3, 3) turns example
+            b's L rows by R[b]; x (B, L, 3) with R (K, B, 3, 3) gives K rotated copies.
+
+    Returns:
+        Tensor (..., 3) (the broadcast shape), in x's dtype.
+    """
+    return x @ R.to(x).transpose(-1, -2)
 
 
 def rotate_per_example(x: Tensor, R: Tensor, index: Tensor) -> Tensor:
-    """Rotate rows of a ragged batch: x (N, 3), R (B, 3, 3), index (N,) in [0, B) -> (N, 3)."""
-    return torch.einsum("nij,nj->ni", R[index].to(x.dtype), x)
+    """Rotate rows of a ragged batch, row n by R[index[n]].
+
+    Args:
+        x: (*lead, N, 3) rows of B examples concatenated.
+        R: (*lead, B, 3, 3) one rotation per example (and per leading entry, e.g. K copies).
+        index: (N,) int64 example of each row, in [0, B).
+
+    Returns:
+        Tensor (*lead, N, 3), in x's dtype and on its device.
+    """
+    Ra = R.to(x)[..., index, :, :]
+    return torch.einsum("...nij,...nj->...ni", Ra, x)
+
+
+def inverse(R: Tensor) -> Tensor:
+    """Inverse of rotation matrices R (..., 3, 3): the transpose."""
+    return R.transpose(-1, -2)
 
 
 def grid_centres(
@@ -129,9 +154,10 @@ def rotate_grid(grid: Tensor, R: Tensor, mode: str = "bilinear") -> Tensor:
         return out if grid.dim() > 3 else out.squeeze(0)
     if R.shape[0] != grid.shape[0]:
         raise ValueError(f"R has {R.shape[0]} rotations but grid has leading size {grid.shape[0]}")
-    exact = [_octahedral_permute(g, r) for g, r in zip(grid, R)]
-    if all(e is not None for e in exact):
-        return torch.stack(exact)
+    permuted = [_octahedral_permute(g, r) for g, r in zip(grid, R)]
+    permutations = [e for e in permuted if e is not None]
+    if len(permutations) == len(permuted):
+        return torch.stack(permutations)
     return _resample(grid, R, mode)
 
 

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from equipipe.models import interface
 from equipipe.so3 import rotate_grid
 from equipipe.spectrum import Spectrum, spectrum
 from equipipe.tasks.base import Batch, Task
@@ -64,7 +65,7 @@ def probe_layers(model: nn.Module, names: list[str] | None = None) -> list[str]:
 
     Raises ValueError naming the model's modules when a name does not exist.
     """
-    wanted = list(names) if names is not None else list(getattr(model, "spectrum_layers", ()))
+    wanted = list(names) if names is not None else list(interface.spectrum_layers(model))
     modules = dict(model.named_modules())
     missing = [n for n in wanted if n not in modules]
     if missing:

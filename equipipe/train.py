@@ -22,20 +22,24 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from itertools import takewhile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import polars as pl
 import torch
+from torch import nn
 
+from equipipe import __version__
 from equipipe import distributed as ddp
 from equipipe.checkpoint import atomic_save, rng_state, set_rng_state
-from equipipe.collect import METRICS_SCHEMA as METRIC_SCHEMA
-from equipipe.collect import METRICS_SCHEMA_VERSION
 from equipipe.equivariance import Decomposition, evaluate_view, head_deviation, no_grad
 from equipipe.loader import RunData
+from equipipe.metrics import METRICS_SCHEMA as METRIC_SCHEMA
+from equipipe.metrics import METRICS_SCHEMA_VERSION
+from equipipe.models import interface
+from equipipe.models.registry import param_count
 from equipipe.progress import TensorBoardSink, progress_line
 from equipipe.spectrum_probe import SpectrumProbe, probe_layers, spectrum_due
 from equipipe.tasks import make_task
@@ -45,6 +49,7 @@ from equipipe.train_step import (
     EMA,
     NonFiniteLoss,
     TrainConfig,
+    check_keys,
     lr_at,
     make_optimizer,
     train_step,
@@ -76,10 +81,7 @@ class EvalConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EvalConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown eval keys {sorted(unknown)}; allowed: {sorted(known)}")
+        check_keys(cls, d, "eval")
         return cls(**d)
 
 
@@ -133,7 +135,7 @@ class Trainer:
         )  # fmt: skip
         self.task_state = self.task.fit(self.data.train_sample(20000))
         self.model = self.task.build_model(spec["size"]).to(self.device)
-        self.params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.params = param_count(self.model)
         self.opt = make_optimizer(self.model.parameters(), self.tcfg)
         self.ema = EMA(self.model, self.tcfg.ema, self.tcfg.ema_warmup) if self.tcfg.ema else None
         self.val = [
@@ -150,7 +152,10 @@ class Trainer:
         self._stop_signal: int | None = None
         self._tensorboard: TensorBoardSink | None = None
         wrapped = ddp.wrap(self.model)
-        self.forward_model = torch.compile(wrapped) if self.tcfg.compile else wrapped
+        # torch.compile returns an OptimizedModule (an nn.Module) typed as a plain callable
+        self.forward_model: nn.Module = (
+            cast(nn.Module, torch.compile(wrapped)) if self.tcfg.compile else wrapped
+        )
         self.timer.add("setup", time.perf_counter() - t_init)  # data, normalisation, model
 
     # --- checkpointing --------------------------------------------------------------
@@ -275,8 +280,7 @@ class Trainer:
             seen: dict[float | None, dict[str, tuple[float, str]]] = {}
             for labels, view in self.task.eval_views(batch, gen):
                 split, t = self._split_and_t(labels)
-                rotation_set = getattr(self.task, "rotation_set", None)
-                rotations = rotation_set(labels) if rotation_set else None
+                rotations = self.task.rotation_set(labels)
                 grads = bi < self.ecfg.grad_norm_batches and rotations is None
                 # the plain forward rides along unless hooks are recording hidden layers
                 plain = t not in seen and not (spec and spec.layers)
@@ -312,7 +316,7 @@ class Trainer:
                         grad_rows.setdefault((split, t, name), []).append(v)
         with timer("eval_spectrum"):
             spec_rows = spec.rows(self.task.units) if spec else []
-        if self.step == 0 and hasattr(self.task, "interpolation_floor"):
+        if self.step == 0:
             with timer("eval_floor"):
                 self.log_interpolation_floor()
         t_log = time.perf_counter()
@@ -329,9 +333,9 @@ class Trainer:
             for (split, t, name), vals in table.items():
                 n = sum(b for _, b, _ in vals)
                 self._row(split, name, sum(v * b for v, b, _ in vals) / n, None, t, n, vals[0][2])
-        for (split, t, name), vals in grad_rows.items():
-            self._row(split, name, sum(vals) / len(vals), self.task.primary_field, t)
-        head = getattr(getattr(model, "force_head", None), "linear", None)
+        for (split, t, name), ratios in grad_rows.items():
+            self._row(split, name, sum(ratios) / len(ratios), self.task.primary_field, t)
+        head = interface.direct_force_head(model)
         if head is not None:
             self._row("val", "head_deviation", head_deviation(head.weight))
         timer.add("eval_logging", time.perf_counter() - t_log)
@@ -361,32 +365,17 @@ class Trainer:
         floors: dict[tuple[str, float | None, str], Decomposition] = {}
         for batch in self.val:
             for labels, view in self.task.eval_views(batch, gen):
-                if labels.get("mode") != "haar":
-                    continue
+                if self.task.rotation_set(labels) is not None:
+                    continue  # exhaustive over a finite group: nothing resampled
                 split, t = self._split_and_t(labels)
                 for f, d in self.task.interpolation_floor(view, gen, self.ecfg.k).items():
                     key = (split, t, f)
                     floors[key] = floors[key] + d if key in floors else d
         for (split, t, f), d in floors.items():
-            self.floors[(split, t, f)] = d.per_element()["equiv_unbiased"]
-            self._row(
-                split,
-                "floor_equiv",
-                d.per_element()["equiv_unbiased"],
-                f,
-                t,
-                d.n_elements,
-                self.task.units.get(f),
-            )
-            self._row(
-                split,
-                "floor_total",
-                d.per_element()["total"],
-                f,
-                t,
-                d.n_elements,
-                self.task.units.get(f),
-            )
+            per_element, unit = d.per_element(), self.task.units.get(f)
+            self.floors[(split, t, f)] = per_element["equiv_unbiased"]
+            for metric, term in (("floor_equiv", "equiv_unbiased"), ("floor_total", "total")):
+                self._row(split, metric, per_element[term], f, t, d.n_elements, unit)
 
     # --- training -------------------------------------------------------------------
 
@@ -400,7 +389,7 @@ class Trainer:
             weight = ddp.local_weight(len(local), len(examples), self.world)
             if len(local) == 0:  # batch smaller than the world: join the all-reduce at weight 0
                 local, weight = examples[:1], 0.0
-            return to_device(self.task.collate(local), self.device), weight
+            return to_device(self.task.collate(list(local)), self.device), weight
 
         try:
             return train_step(self.model, self.task, self.opt, self.ema, cfg, self.step,
@@ -458,7 +447,7 @@ class Trainer:
             self.save_checkpoint()
             log.warning("signal %s: checkpoint at step %d in %s; rerun (snakemake "
                         "--rerun-incomplete) to continue", self._stop_signal, self.step, self.work)  # fmt: skip
-            raise SystemExit(128 + int(self._stop_signal)) from None
+            raise SystemExit(128 + int(self._stop_signal or 0)) from None
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
@@ -560,6 +549,7 @@ def run_info(tr: Trainer) -> dict[str, Any]:
     import numpy
 
     versions = {
+        "equipipe": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": numpy.__version__,

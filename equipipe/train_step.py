@@ -69,14 +69,20 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown train keys {sorted(unknown)}; allowed: {sorted(known)}")
+        check_keys(cls, d, "train")
         d = dict(d)
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
         return cls(**d)
+
+
+def check_keys(config_class: type, d: dict[str, Any], block: str) -> None:
+    """ValueError naming the keys of ``d`` that are not fields of the dataclass, and the
+    allowed ones (``block``: the config block, for the message)."""
+    known = {f.name for f in fields(config_class)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown {block} keys {sorted(unknown)}; allowed: {sorted(known)}")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -112,16 +118,9 @@ def _adam_eps(eps: float) -> float:
 
 def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     """The recipe's optimiser (AdamW, Adam or SGD) over ``params``."""
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(
-            params,
-            lr=cfg.lr,
-            betas=cfg.betas,
-            eps=_adam_eps(cfg.eps),
-            weight_decay=cfg.weight_decay,
-        )
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(
+    adam = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}.get(cfg.optimizer)
+    if adam is not None:
+        return adam(
             params,
             lr=cfg.lr,
             betas=cfg.betas,

@@ -39,7 +39,8 @@ _METRICS = {
 
 def run_curves(run_dir: Path, split: str = "val") -> pl.DataFrame:
     """The held-out curve of one finished run in the ``sweep_curves.csv`` layout."""
-    from equipipe.collect import read_metrics, read_run
+    from equipipe.collect import read_run
+    from equipipe.metrics import read_metrics
 
     info = read_run(Path(run_dir))
     df = read_metrics(Path(run_dir), info)

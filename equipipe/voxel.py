@@ -154,8 +154,9 @@ def inscribed_ball_radius(grid_size: int, spacing: float) -> float:
     return (int(grid_size) - 1) / 2 * float(spacing)
 
 
-def ball_mask(grid_size: int, spacing: float = 1.0, device=None) -> Tensor:
-    """(G, G, G) bool: voxel centres within :func:`inscribed_ball_radius`."""
+def ball_mask(grid_size: int, device=None) -> Tensor:
+    """(G, G, G) bool: voxel centres within :func:`inscribed_ball_radius` (in voxels: the ball
+    does not depend on the spacing)."""
     c = grid_centres((grid_size,) * 3, 1.0, dtype=torch.float64, device=device)
     return c.pow(2).sum(-1) <= ((grid_size - 1) / 2) ** 2 + 1e-9
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from equipipe.equivariance import decompose, decomposition_from_predictions
 from equipipe.so3 import haar_rotations
+from equipipe.tasks.base import EvaluationDefaults
 
 # ----------------------------------------------------------------------------- your code
 
@@ -52,8 +53,9 @@ class PointNet(nn.Module):
 # ----------------------------------------------------------------------------- the adapter
 
 
-class PointCloudAdapter:
-    """What ``equipipe.equivariance`` needs: the group action on inputs and outputs.
+class PointCloudAdapter(EvaluationDefaults):
+    """What ``equipipe.equivariance`` needs: the group action on inputs and outputs (the
+    defaults say: K Haar rotations per example, one forward pass each).
 
     Batches are dicts of tensors; R is (B, 3, 3), one rotation per example. Points are rows,
     so rotating by R is ``v @ R^T`` and undoing it is ``v @ R``.
@@ -81,6 +83,7 @@ class PointCloudAdapter:
         return batch["x"].shape[0]
 
     def element_mask(self, batch):  # None: every element counts (else per-field bool masks)
+        del batch
         return None
 
 

@@ -12,30 +12,7 @@ import torch
 from equipipe import analyses
 from equipipe.figures import make_figure
 from equipipe.figures.analyses import kappa_table_rst
-from equipipe.models.escaip import build
-from equipipe.tasks.forcefield import ForceFieldTask
 from tests.toytask import PairModel, ToyTask, toy_batch
-
-
-def ff_setup(B=3, n_batches=2, dtype=torch.float32):
-    task = ForceFieldTask({"energy_reference": "none"})
-    task.set_state({"energy_reference": "none", "element_energy": {}, "energy_mean": 0.1,
-                    "energy_std": 1.5, "force_std": 1.3})  # fmt: skip
-    torch.manual_seed(0)
-    model = build("tiny", hidden=12, n_heads=2, n_rbf=8, max_neighbors=5, cutoff=5.0, n_layers=1)
-    batches = []
-    for s in range(n_batches):
-        g = torch.Generator().manual_seed(s)
-        n = torch.randint(4, 7, (B,), generator=g)
-        N = int(n.sum())
-        batches.append({
-            "pos": 1.5 * torch.randn(N, 3, generator=g, dtype=dtype),
-            "z": torch.randint(1, 9, (N,), generator=g),
-            "batch": torch.arange(B).repeat_interleave(n), "n_atoms": n,
-            "energy": torch.randn(B, generator=g, dtype=dtype),
-            "forces": torch.randn(N, 3, generator=g, dtype=dtype),
-        })  # fmt: skip
-    return task, model.to(dtype).eval(), batches
 
 
 def test_twirled_error_follows_mean_plus_equiv_over_k_on_a_toy_model():
@@ -57,8 +34,8 @@ def test_twirled_error_follows_mean_plus_equiv_over_k_on_a_toy_model():
     assert s["exact_twirl_mse"].null_count() == s.height
 
 
-def test_twirling_force_field_has_the_exact_head_reference():
-    task, model, batches = ff_setup(dtype=torch.float64)
+def test_twirling_force_field_has_the_exact_head_reference(escaip_setup):
+    task, model, batches = escaip_setup(dtype=torch.float64, energy_mean=0.1, energy_std=1.5)
     model = model.double()
     df = analyses.twirling_from_model(model, task, batches, {"ks": [1, 2, 4, 16], "repeats": 4})
     f = df.filter(pl.col("field") == "forces").sort("k")
@@ -83,8 +60,8 @@ def test_spec_errors_name_the_key_and_the_allowed_values():
 
 
 @pytest.fixture(scope="module")
-def landscape_result():
-    task, model, batches = ff_setup()
+def landscape_result(escaip_setup):
+    task, model, batches = escaip_setup(energy_mean=0.1, energy_std=1.5)
     res = analyses.landscape_from_model(model, task, batches, {"grid": 6, "step": 0.05, "k": 4})
     return res
 
@@ -106,8 +83,8 @@ def test_landscape_uses_exact_octahedral_rotations_for_the_direct_head(landscape
     )
 
 
-def test_landscape_haar_option_and_float32_model():
-    task, model, batches = ff_setup()
+def test_landscape_haar_option_and_float32_model(escaip_setup):
+    task, model, batches = escaip_setup(energy_mean=0.1, energy_std=1.5)
     res = analyses.landscape_from_model(
         model, task, batches, {"grid": 4, "step": 0.05, "k": 4, "rotations": "haar"}
     )
@@ -150,14 +127,15 @@ class FakeRun:
         self.task, self.model, self._batches, self.info = task, model, batches, info
 
     def batches(self, split="val", n_examples=None, batch_size=None):
+        del split, n_examples, batch_size  # one fixed set of batches
         return self._batches
 
     def eval_generator(self):
         return torch.Generator().manual_seed(self.info["eval_config"]["seed"])
 
 
-def test_entry_points_read_a_run_and_write_their_folders(tmp_path, monkeypatch):
-    task, model, batches = ff_setup()
+def test_entry_points_read_a_run_and_write_their_folders(tmp_path, monkeypatch, escaip_setup):
+    task, model, batches = escaip_setup(energy_mean=0.1, energy_std=1.5)
     info = {"experiment": "ff_default", "seed": 0, "steps": 40,
             "spec": {"train": {"analysis_step": 20, "steps": 40}},
             "eval_config": {"k": 3, "seed": 11}}  # fmt: skip

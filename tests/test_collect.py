@@ -9,7 +9,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from equipipe.collect import METRICS_SCHEMA, STUDY_REF, collect, load_runs, pct_scale
+from equipipe.collect import STUDY_REF, collect, load_runs, pct_scale
+from equipipe.metrics import METRICS_SCHEMA
 from equipipe.smoothing import alphas, dip, ema
 
 # ------------------------------------------------------------------ smoothing

@@ -15,7 +15,6 @@ from equipipe.analyses import landscape_from_model, write_landscape
 from equipipe.decay import decay_table
 from equipipe.figures import make_figure
 from tests.test_collect import _write_run
-from tests.test_landscape import make_setup
 
 STEPS = [0, 1, 2, 5, 10, 20, 50, 100, 200, 300, 400, 500]
 
@@ -69,11 +68,11 @@ def test_decay_analysis_and_figure_through_the_cli(tmp_path):
     assert (tmp_path / "fig.png").stat().st_size > 10_000
 
 
-def test_landscape_writes_slq_tables_and_the_density_figure_draws_them(tmp_path):
+def test_landscape_writes_slq_tables_and_the_density_figure_draws_them(tmp_path, escaip_setup):
     """A landscape with ``slq_probes`` writes the SLQ densities and κ(τ) of L_mean and
     L_equiv (and the exact ones on a block small enough for exact eigenvalues); the
     hessian_density kind draws them."""
-    task, model, batches = make_setup(B=2, n_batches=1, hidden=8)
+    task, model, batches = escaip_setup(B=2, n_batches=1, hidden=8)
     spec = {"param": "force_head.ffn.up.weight", "k": 3, "grid": 2, "planes": [],
             "slq_probes": 3, "slq_steps": 12, "seed": 0}  # fmt: skip
     res = landscape_from_model(model, task, batches, spec, torch.Generator().manual_seed(0))

@@ -14,8 +14,8 @@ import polars as pl
 import pytest
 from matplotlib.figure import Figure
 
-from equipipe.collect import METRICS_SCHEMA, RUN_COLUMNS
 from equipipe.figures import KINDS, MissingSplitError, build_figure, make_figure, register_kind
+from equipipe.metrics import METRICS_SCHEMA, RUN_COLUMNS
 
 SCHEMA = {**RUN_COLUMNS, **METRICS_SCHEMA}
 ROW_SCHEMA = {k: v for k, v in SCHEMA.items() if k not in ("ell", "layer")}  # rows below: no ell
@@ -226,7 +226,7 @@ def test_all_builtin_kinds_covered():
     assert builtin <= {s["kind"] for s in SPECS.values()}
 
 
-def test_pct_vs_step_line_data(data, tmp_path):
+def test_pct_vs_step_line_data(data):
     metrics, runs = data
     spec = {"kind": "pct_vs_step", "experiments": ["ff_default"], "style": {}}
     fig = build_figure(spec, metrics, runs)
@@ -245,7 +245,7 @@ def test_pct_vs_step_line_data(data, tmp_path):
     assert "%" in ax.get_ylabel()
 
 
-def test_pct_by_marks_dips_and_epoch(data, tmp_path):
+def test_pct_by_marks_dips_and_epoch(data):
     metrics, runs = data
     spec = dict(SPECS["pct_by"])
     spec["style"] = {**spec["style"], "epoch_marker": True}
@@ -255,14 +255,14 @@ def test_pct_by_marks_dips_and_epoch(data, tmp_path):
     assert any("One epoch" in t for t in texts)
 
 
-def test_voxel_floor_line(data, tmp_path):
+def test_voxel_floor_line(data):
     metrics, runs = data
     fig = build_figure(SPECS["pct_vs_step_voxel"], metrics, runs)
     labels = [ln.get_label() for ln in fig.axes[0].get_lines()]
     assert any("resampling floor" in lab for lab in labels)  # floor_share: the model's units
 
 
-def test_grad_ratio_annotates_correlations(data, tmp_path):
+def test_grad_ratio_annotates_correlations(data):
     metrics, runs = data
     spec = {"kind": "grad_ratio", "experiments": ["fm_default"], "style": {}}
     fig = build_figure(spec, metrics, runs)
@@ -294,7 +294,7 @@ def test_register_kind_and_errors(data, tmp_path):
         assert fig.axes[0].get_title() == "x"
         assert (tmp_path / "k.svg").is_file()
         with pytest.raises(ValueError, match="already registered"):
-            register_kind("_test_kind")(lambda ctx: None)
+            register_kind("_test_kind")(lambda _ctx: None)
     finally:
         KINDS.pop("_test_kind", None)
     with pytest.raises(ValueError, match="unknown figure kind"):

@@ -43,6 +43,7 @@ class EquivariantToy(nn.Module):
         self.b = nn.Parameter(torch.tensor(0.3))
 
     def forward(self, x_t, t, mask, x_sc=None, chain_break=None):
+        del chain_break  # the flow task's model signature
         m = mask.to(x_t.dtype)
         d = x_t[:, :, None] - x_t[:, None]  # (B, L, L, 3)
         r = d.norm(dim=-1, keepdim=True)

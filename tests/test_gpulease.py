@@ -157,7 +157,7 @@ def test_no_lease_for_cpu_or_without_lock_dir(tmp_path, monkeypatch):
         assert a is None and b is None
 
 
-def test_lease_survives_exec(tmp_path, monkeypatch):
+def test_lease_survives_exec(tmp_path):
     """A job that leases and then execs (as into torchrun) keeps the lock until it exits."""
     code = (
         "import os, sys\n"

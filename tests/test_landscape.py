@@ -8,9 +8,7 @@ import torch
 
 from equipipe import landscape as ls
 from equipipe.equivariance import decompose
-from equipipe.models.escaip import build
 from equipipe.so3 import octahedral_rotations
-from equipipe.tasks.forcefield import ForceFieldTask
 
 F64 = torch.float64
 
@@ -81,38 +79,17 @@ def test_quadratic_fit_and_condition_edge_cases():
 # --- the model objective -------------------------------------------------------------------
 
 
-def make_setup(B=3, n_batches=2, hidden=12):
-    task = ForceFieldTask({"energy_reference": "none"})
-    task.set_state({"energy_reference": "none", "element_energy": {}, "energy_mean": 0.0,
-                    "energy_std": 1.0, "force_std": 1.3})  # fmt: skip
-    torch.manual_seed(0)
-    model = build(
-        "tiny", hidden=hidden, n_heads=2, n_rbf=8, max_neighbors=5, cutoff=5.0, n_layers=1
-    )
-    batches = []
-    for s in range(n_batches):
-        g = torch.Generator().manual_seed(s)
-        n = torch.randint(4, 7, (B,), generator=g)
-        N = int(n.sum())
-        batches.append({
-            "pos": 1.5 * torch.randn(N, 3, generator=g), "z": torch.randint(1, 9, (N,), generator=g),
-            "batch": torch.arange(B).repeat_interleave(n), "n_atoms": n,
-            "energy": torch.randn(B, generator=g), "forces": torch.randn(N, 3, generator=g),
-        })  # fmt: skip
-    return task, model.eval(), batches
-
-
 @pytest.fixture(scope="module")
-def octahedral_objective():
-    task, model, batches = make_setup()
+def octahedral_objective(escaip_setup):
+    task, model, batches = escaip_setup()
     views = ls.make_views(
         task, batches, 24, torch.Generator().manual_seed(0), octahedral_rotations(F64)
     )
     return ls.BlockObjective(model, task, views)
 
 
-def test_objective_is_the_unbiased_decomposition_and_leaves_the_model_alone():
-    task, model, batches = make_setup()
+def test_objective_is_the_unbiased_decomposition_and_leaves_the_model_alone(escaip_setup):
+    task, model, batches = escaip_setup()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     views = ls.make_views(task, batches, 5, torch.Generator().manual_seed(3))
     obj = ls.BlockObjective(model, task, views)
@@ -135,7 +112,7 @@ def test_objective_is_the_unbiased_decomposition_and_leaves_the_model_alone():
         assert torch.equal(v, before[k])
 
 
-def test_quadratic_model_autograd_and_lanczos_paths_agree(octahedral_objective):
+def test_quadratic_model_autograd_and_lanczos_paths_agree(octahedral_objective, escaip_setup):
     obj = octahedral_objective
     quad = obj.quadratic_model()
     auto = obj.hessians()
@@ -152,7 +129,7 @@ def test_quadratic_model_autograd_and_lanczos_paths_agree(octahedral_objective):
     assert obj.affine_error(z0, A, 0.5) < 1e-13  # a final linear map: predictions are affine
     assert obj.quadratic_model(check_radius=0.5).affine_error < 1e-13
     # Lanczos on a smaller objective (each Hessian-vector product is a forward with graph)
-    task, model, batches = make_setup(B=2, n_batches=1)
+    task, model, batches = escaip_setup(B=2, n_batches=1)
     small = ls.BlockObjective(
         model, task, ls.make_views(task, batches, 24, None, octahedral_rotations(F64))
     )
@@ -210,8 +187,8 @@ def test_quadratic_surface_equals_point_by_point_evaluation(octahedral_objective
         np.testing.assert_allclose(fast[name], slow[name], rtol=1e-9, atol=1e-12)
 
 
-def test_nonlinear_block_takes_the_autograd_route():
-    task, model, batches = make_setup(B=2, n_batches=1)
+def test_nonlinear_block_takes_the_autograd_route(escaip_setup):
+    task, model, batches = escaip_setup(B=2, n_batches=1)
     views = ls.make_views(task, batches, 4, torch.Generator().manual_seed(0))
     # through the GELU of the head's feed-forward: not affine (ffn.down would still be affine)
     obj = ls.BlockObjective(model, task, views, param="force_head.ffn.up.weight")
@@ -222,9 +199,9 @@ def test_nonlinear_block_takes_the_autograd_route():
     assert kap["equiv"]["lambda_max"] > 0 and kap["equiv"]["n_eigenvalues"] == obj.n_params
 
 
-def test_haar_mean_is_nearly_flat_along_equiv_axes():
+def test_haar_mean_is_nearly_flat_along_equiv_axes(escaip_setup):
     """With K Haar rotations per example the flatness holds up to finite-K sampling."""
-    task, model, batches = make_setup()
+    task, model, batches = escaip_setup()
     views = ls.make_views(task, batches, 16, torch.Generator().manual_seed(0))
     obj = ls.BlockObjective(model, task, views)
     H = obj.hessians()

@@ -10,10 +10,7 @@ import torch
 
 from equipipe.equivariance import decompose
 from equipipe.models.registry import build_model, model_info_rows
-from equipipe.so3 import haar_rotations
 from equipipe.tasks.forcefield import ForceFieldTask
-
-from .test_equivariant import as_batch, examples, rotate  # noqa: F401 (fixture)
 
 SMALL = {"num_features": 8, "radial_mlp_width": 16}
 SMALL64 = {**SMALL, "model_dtype": "float64"}
@@ -27,7 +24,8 @@ def test_sizes_match_escaip_by_parameter_count():
         assert abs(n / escaip[size] - 1) < 0.10, (size, n, escaip[size])
 
 
-def test_normalisation_from_the_training_split(examples):  # noqa: F811
+def test_normalisation_from_the_training_split(molecules):
+    examples = molecules
     task = ForceFieldTask({"model": "nequip", "model_overrides": SMALL64})
     state = task.fit(examples)
     stats = state["model_stats"]
@@ -54,63 +52,33 @@ def test_normalisation_from_the_training_split(examples):  # noqa: F811
     assert torch.get_default_dtype() == torch.float32
 
 
-def test_exactly_equivariant_in_float64(examples):  # noqa: F811
+def test_exactly_equivariant_in_float64(ff):
     task = ForceFieldTask({"model": "nequip", "model_overrides": SMALL64})
-    batch = as_batch(examples, task)
+    batch = ff.batch(task)
     torch.manual_seed(0)
     model = task.build_model("tiny").eval()
-    R = haar_rotations(1, torch.Generator().manual_seed(3), dtype=torch.float64)[0]
-    with torch.no_grad():
-        out, out_r = model(batch), model(rotate(batch, R))
-    assert out["energy"].shape == (6,) and out["forces"].shape == batch["pos"].shape
-    assert out["forces"].dtype == torch.float64 and not out["forces"].requires_grad
-    scale = out["forces"].abs().max()
-    assert scale > 1e-4
-    torch.testing.assert_close(out_r["energy"], out["energy"], rtol=0, atol=1e-12)
-    torch.testing.assert_close(out_r["forces"], out["forces"] @ R.T, rtol=0, atol=1e-12 * scale)
+    out = ff.assert_equivariant(model, batch)
+    assert out["forces"].dtype == torch.float64
     d = decompose(model, task, batch, 4, torch.Generator().manual_seed(0))
     for f in ("forces", "energy"):
         assert d[f].total > 0 and d[f].pct < 1e-10, (f, d[f].pct)
 
 
-def test_forces_are_minus_energy_gradient(examples):  # noqa: F811
+def test_forces_are_minus_energy_gradient(ff):
     task = ForceFieldTask({"model": "nequip", "model_overrides": SMALL64})
-    batch = as_batch(examples[:1], task)
+    batch = ff.batch(task, examples=ff.examples[:1])
     torch.manual_seed(0)
     model = task.build_model("tiny")
-    s = task.state
-    with torch.no_grad():
-        forces = model(batch)["forces"]
-    h = 1e-5
-    for atom, axis in [(0, 0), (3, 2), (7, 1)]:
-        plus, minus = dict(batch), dict(batch)
-        plus["pos"], minus["pos"] = batch["pos"].clone(), batch["pos"].clone()
-        plus["pos"][atom, axis] += h
-        minus["pos"][atom, axis] -= h
-        with torch.no_grad():
-            de = (model(plus)["energy"] - model(minus)["energy"]) * s["energy_std"]  # eV
-        fd = -float(de.sum()) / (2 * h) / s["force_std"]  # normalised units
-        assert abs(fd - float(forces[atom, axis])) < 1e-6 * max(1.0, abs(fd)), (fd, forces)
+    s = task.state  # normalised units: F_norm = -(energy_std / force_std) dE_norm/dx
+    ff.assert_forces_are_minus_energy_gradient(model, batch, s["energy_std"] / s["force_std"])
     out = model(batch)  # training: the force loss reaches the network's weights
     assert out["forces"].requires_grad
     out["forces"].pow(2).sum().backward()
     assert sum(p.grad.abs().sum() for p in model.parameters() if p.grad is not None) > 0
 
 
-def test_trains_through_the_force_field_task(examples):  # noqa: F811
-    task = ForceFieldTask({"model": "nequip", "model_overrides": SMALL})
-    batch = as_batch(examples, task, torch.float32)
-    torch.manual_seed(0)
-    model = task.build_model("tiny")
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(30):
-        loss = task.loss(task.predict(model, batch), batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    assert all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0]
+def test_trains_through_the_force_field_task(ff):
+    ff.assert_trains(ForceFieldTask({"model": "nequip", "model_overrides": SMALL}))
 
 
 def test_errors_name_the_allowed_values():

@@ -16,7 +16,7 @@ from tests import paper_miniature as pm
 from tests.httpserver import LoopbackServer
 from tests.test_paper_miniature import check_grid
 from tests.test_workflow import snakemake
-from tests.upstreams import geom_release, wwpdb
+from tests.upstreams import wwpdb
 from tests.upstreams.midi_mirror import MidiMirror
 
 NOWHERE = "http://127.0.0.1:9"  # discard port: nothing listens, any request fails at once
@@ -39,12 +39,23 @@ def _grid(spice_releases, datasets: dict) -> dict:
     return mini
 
 
+def _run_grid(wd, mini: dict) -> None:
+    """The grid's DAG in ``wd`` to report.zip, then the checks of the miniature grid."""
+    wd.mkdir()
+    (wd / "config.yaml").write_text(yaml.safe_dump(mini, sort_keys=False))
+    snakemake(wd, "--cores", "2")
+    snakemake(wd, "--report", "results/report.zip")
+    check_grid(wd, mini)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(3600)  # the whole grid: ~3.5 CPU-minutes, more on a loaded machine
-def test_paper_grid_in_miniature_from_local_copies_with_no_server(spice_releases, tmp_path):
-    release, geom = wwpdb.build(), geom_release.cached()
-    mirror = wwpdb.write_mirror(release, tmp_path / "pdb_mirror")
-    meta = wwpdb.write_metadata(release, tmp_path / "pdb_meta")
+def test_paper_grid_in_miniature_from_local_copies_with_no_server(
+    spice_releases, pdb_release, geom_rel, tmp_path
+):
+    geom = geom_rel
+    mirror = wwpdb.write_mirror(pdb_release, tmp_path / "pdb_mirror")
+    meta = wwpdb.write_metadata(pdb_release, tmp_path / "pdb_meta")
     mini = _grid(
         spice_releases,
         {
@@ -60,20 +71,15 @@ def test_paper_grid_in_miniature_from_local_copies_with_no_server(spice_releases
     )
     mini["datasets"]["pdb"]["download_dir"] = str(meta)
     mini["datasets"]["geom"]["download_dir"] = str(geom.archive.parent)
-    wd = tmp_path / "wd"
-    wd.mkdir()
-    (wd / "config.yaml").write_text(yaml.safe_dump(mini, sort_keys=False))
-    snakemake(wd, "--cores", "2")
-    snakemake(wd, "--report", "results/report.zip")
-    check_grid(wd, mini)
+    _run_grid(tmp_path / "wd", mini)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-def test_paper_grid_in_miniature_with_midi(spice_releases, tmp_path):
-    release, geom = wwpdb.build(), geom_release.cached()
+def test_paper_grid_in_miniature_with_midi(spice_releases, pdb_release, geom_rel, tmp_path):
+    geom = geom_rel
     with LoopbackServer() as server:
-        up = wwpdb.Wwpdb(server, release)
+        up = wwpdb.Wwpdb(server, pdb_release)
         up.publish()
         midi = MidiMirror(server)
         midi.add(geom.midi)
@@ -86,9 +92,4 @@ def test_paper_grid_in_miniature_with_midi(spice_releases, tmp_path):
             },
         )
         mini["datasets"]["geom"]["source"] = "midi"  # the grid per source
-        wd = tmp_path / "wd"
-        wd.mkdir()
-        (wd / "config.yaml").write_text(yaml.safe_dump(mini, sort_keys=False))
-        snakemake(wd, "--cores", "2")
-    snakemake(wd, "--report", "results/report.zip")
-    check_grid(wd, mini)
+        _run_grid(tmp_path / "wd", mini)

@@ -142,7 +142,7 @@ def test_both_backends_give_identical_chains_with_ligands(edited, entry):
 
 
 @pytest.mark.parametrize("backend", pdb.BACKENDS)
-def test_modified_polymer_residue_still_quarantines(tmp_path, backend):
+def test_modified_polymer_residue_still_quarantines(backend):
     """MSE inside the polymer (label_seq_id set, polymer entity) keeps the documented rule."""
     got = pdb.read_ca_chains(FIX / "bad" / "mse.cif.gz", ["A"], backend)["A"]
     assert got == "non-standard residue MSE"

@@ -40,7 +40,7 @@ def test_parameter_counts_match_labels():
 def test_build_errors_name_allowed_values():
     with pytest.raises(ValueError, match="allowed"):
         proteina.build("7M")
-    with pytest.raises(ValueError, match="unknown config field"):
+    with pytest.raises(ValueError, match="override 'width' is unknown"):
         proteina.build("tiny", width=3)
     with pytest.raises(ValueError, match="divisible"):
         proteina.build("tiny", n_heads=5)

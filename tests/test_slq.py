@@ -7,7 +7,6 @@ import torch
 
 from equipipe import landscape as ls
 from equipipe.slq import Density, slq
-from tests.test_landscape import make_setup
 
 TAUS = 10.0 ** np.arange(-6.0, 0.0)
 
@@ -54,11 +53,11 @@ def test_negative_share_of_a_resolved_indefinite_spectrum():
     assert abs(d.fraction_negative() - 0.3) < 0.05
 
 
-def test_slq_on_the_hessians_of_a_nonlinear_block_matches_the_exact_ones():
+def test_slq_on_the_hessians_of_a_nonlinear_block_matches_the_exact_ones(escaip_setup):
     """The force head's feed-forward weight of a small EScAIP-like model (hidden 20: 400
     parameters, through the GELU: indefinite): SLQ of the L_mean and L_equiv Hessians by
     Hessian-vector products agrees with their exact eigenvalues (double backward)."""
-    task, model, batches = make_setup(B=2, n_batches=1, hidden=20)
+    task, model, batches = escaip_setup(B=2, n_batches=1, hidden=20)
     views = ls.make_views(task, batches, 4, torch.Generator().manual_seed(0))
     obj = ls.BlockObjective(model, task, views, param="force_head.ffn.up.weight")
     assert obj.n_params == 400
@@ -71,13 +70,13 @@ def test_slq_on_the_hessians_of_a_nonlinear_block_matches_the_exact_ones():
         assert _agree(d, Density.exact(ev), 10.0 ** np.arange(-5.0, 0.0)) >= 2
 
 
-def test_linear_head_kappa_of_mean_and_equiv_coincide_at_every_threshold():
+def test_linear_head_kappa_of_mean_and_equiv_coincide_at_every_threshold(escaip_setup):
     """Derived in landscape.py: on the direct force head with an invariant backbone both
     Hessians are built from one H x H matrix, so their positive eigenvalues coincide and
     κ(L_mean) = κ(L_equiv) at every threshold, by construction."""
     from equipipe.so3 import octahedral_rotations
 
-    task, model, batches = make_setup(B=2, n_batches=1)
+    task, model, batches = escaip_setup(B=2, n_batches=1)
     views = ls.make_views(task, batches, 24, torch.Generator().manual_seed(0),
                           octahedral_rotations(torch.float64))  # fmt: skip
     obj = ls.BlockObjective(model, task, views)

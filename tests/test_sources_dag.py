@@ -10,18 +10,14 @@ download -> preprocess -> split -> subsets -> one training job -> collect in a t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-from pathlib import Path
 
 import polars as pl
 import pytest
-import yaml
 
 from equipipe.data import spice
 from equipipe.store import Store
 from tests.httpserver import Fault, LoopbackServer
-from tests.test_workflow import BIN, SNAKEFILE, snakemake
+from tests.test_workflow import snakemake
 from tests.upstreams.apollo import Apollo
 from tests.upstreams.zenodo import Zenodo
 
@@ -72,7 +68,7 @@ MACEOFF_SPLIT = {
 
 
 @pytest.fixture(scope="module")
-def dags(spice_releases, tmp_path_factory):
+def dags(spice_releases, run_dags):
     """Run the four per-source DAGs at once; yield (server, {case: workdir})."""
     root, pins = spice_releases
     server = LoopbackServer()
@@ -107,32 +103,11 @@ def dags(spice_releases, tmp_path_factory):
             download_dir=str(root / "maceoff23"),
         ),
     }
-    wds, procs = {}, {}
-    for case, cfg in cases.items():
-        wd = tmp_path_factory.mktemp(f"dag-{case}")
-        (wd / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        wds[case] = wd
     try:
-        for case, wd in wds.items():  # concurrently: each DAG is a chain of single-core jobs
-            procs[case] = _start(wd, "--cores", "2", "results/metrics_all.parquet")
-        for case, p in procs.items():
-            out, err = p.communicate(timeout=600)
-            assert p.returncode == 0, f"{case} DAG failed:\n{out[-3000:]}\n{err[-6000:]}"
-        yield server, wds
+        with run_dags(cases) as wds:
+            yield server, wds
     finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.kill()
         server.close()
-
-
-def _start(wd: Path, *args: str) -> subprocess.Popen:
-    """:func:`tests.test_workflow.snakemake` without waiting for it."""
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
-           "MPLBACKEND": "Agg"}  # fmt: skip
-    cmd = [str(BIN / "snakemake"), "-s", str(SNAKEFILE), "--directory", str(wd),
-           "--configfile", str(wd / "config.yaml"), *args]  # fmt: skip
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 @pytest.mark.parametrize("case", ["spice-2.0.1", "spice-1.1.4", "maceoff23", "maceoff23-local"])

@@ -15,12 +15,10 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import yaml
 
 from equipipe.store import Store
 from tests.httpserver import Fault, LoopbackServer
-from tests.test_sources_dag import _start
-from tests.upstreams import geom_release, wwpdb
+from tests.upstreams import wwpdb
 from tests.upstreams.dataverse import Dataverse
 from tests.upstreams.midi_mirror import MidiMirror
 
@@ -32,16 +30,6 @@ MIDI_SPLIT = {  # MiDi's own split, kept (as paper.yaml keeps MACE-OFF23's)
     "seed": 0,
     "predefined": {"column": "midi_split", "values": {"train": "train", "val": "val", "test": "test"}},
 }  # fmt: skip
-
-
-@pytest.fixture(scope="session")
-def pdb_release() -> wwpdb.WwpdbRelease:
-    return wwpdb.build()
-
-
-@pytest.fixture(scope="session")
-def geom_rel() -> geom_release.GeomRelease:
-    return geom_release.cached()
 
 
 def pdb_block(download: dict, **top) -> dict:
@@ -99,7 +87,7 @@ NOWHERE = "http://127.0.0.1:9"  # discard port: nothing listens, any request fai
 
 
 @pytest.fixture(scope="module")
-def dags(pdb_release, geom_rel, tmp_path_factory):
+def dags(pdb_release, geom_rel, tmp_path_factory, run_dags):
     """The three per-source DAGs, run at once; yields (server request log, {case: workdir})."""
     server = LoopbackServer()
     up = wwpdb.Wwpdb(server, pdb_release)
@@ -152,22 +140,10 @@ def dags(pdb_release, geom_rel, tmp_path_factory):
             {"geom": geom_block("midi", {"midi_url": midi.url, "expected": midi_pins}, MIDI_SPLIT)}
         ),
     }
-    wds, procs = {}, {}
-    for case, cfg in cases.items():
-        wd = tmp_path_factory.mktemp(f"dag-{case}")
-        (wd / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        wds[case] = wd
     try:
-        for case, wd in wds.items():  # concurrently: each DAG is a chain of single-core jobs
-            procs[case] = _start(wd, "--cores", "2", "results/metrics_all.parquet")
-        for case, p in procs.items():
-            out, err = p.communicate(timeout=600)
-            assert p.returncode == 0, f"{case} DAG failed:\n{out[-3000:]}\n{err[-6000:]}"
-        yield server, wds, {"mirror": mirror, "meta": meta}
+        with run_dags(cases) as wds:
+            yield server, wds, {"mirror": mirror, "meta": meta}
     finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.kill()
         server.close()
 
 

@@ -125,6 +125,7 @@ class LinearFlow(nn.Module):
         self.M = nn.Parameter(torch.randn(3, 3, generator=g) * 0.5)
 
     def forward(self, x_t, t, mask, x_sc=None, chain_break=None):
+        del t, x_sc, chain_break  # the flow task's model signature; v depends on x_t only
         return (x_t @ self.M.T) * mask[..., None].to(x_t.dtype)
 
 

@@ -194,7 +194,9 @@ def test_adam_eps_zero_leaves_zero_gradient_elements_finite(optimizer):
 
 def test_spectrum_rows_at_their_cadence_through_the_cli(tiny_store, tmp_path):
     """eval.spectrum_every: per-ℓ rows of outputs and probed layers, collected with ell/layer."""
-    from equipipe.collect import METRICS_SCHEMA_VERSION, read_metrics, read_run
+    import equipipe
+    from equipipe.collect import read_run
+    from equipipe.metrics import METRICS_SCHEMA_VERSION, read_metrics
 
     s = spec(steps=4)
     s["task_cfg"] = {"model": "equivariant", "model_overrides": {"mul": 4, "radial_hidden": 8}}
@@ -203,6 +205,7 @@ def test_spectrum_rows_at_their_cadence_through_the_cli(tiny_store, tmp_path):
     assert run_cli(s, tiny_store, tmp_path).wait(timeout=600) == 0
     info = read_run(tmp_path)
     assert info["metrics_schema_version"] == METRICS_SCHEMA_VERSION
+    assert info["versions"]["equipipe"] == equipipe.__version__
     m = read_metrics(tmp_path, info)
     power = m.filter(pl.col("metric") == "spectrum_power")
     assert sorted(power["step"].unique()) == [0, 2, 4]  # evaluations 0, 1, 2, 4: every 2nd + last

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from equipipe.so3 import rotate_vectors
+from equipipe.so3 import inverse, rotate_vectors
+from equipipe.tasks.base import EvaluationDefaults, repeat_padded
 
 
 class PairModel(nn.Module):
@@ -30,7 +31,7 @@ class PairModel(nn.Module):
         return {"v": out, "s": (r.squeeze(-1) ** 2).mean((1, 2))}
 
 
-class ToyTask:
+class ToyTask(EvaluationDefaults):
     name = "toy"
     fields = ("v", "s")
     units = {"v": "a.u.^2", "s": "a.u.^2"}
@@ -49,22 +50,23 @@ class ToyTask:
         return {"v": batch["y"], "s": batch["ys"]}
 
     def rotate(self, batch, R):
-        return {
-            **batch,
-            "x": torch.einsum("bij,bpj->bpi", R.to(batch["x"].dtype), batch["x"]),
-            "y": torch.einsum("bij,bpj->bpi", R.to(batch["y"].dtype), batch["y"]),
-        }
+        return {**batch, "x": rotate_vectors(batch["x"], R), "y": rotate_vectors(batch["y"], R)}
 
     def canonicalize(self, pred, R):
-        return {"v": torch.einsum("bji,bpj->bpi", R.to(pred["v"].dtype), pred["v"]), "s": pred["s"]}
+        return {"v": rotate_vectors(pred["v"], inverse(R)), "s": pred["s"]}
 
     def repeat(self, batch, k):
-        return {key: v.repeat(k, *[1] * (v.dim() - 1)) for key, v in batch.items()}
+        return repeat_padded(batch, k)
 
     def num_examples(self, batch):
         return batch["x"].shape[0]
 
+    def eval_views(self, batch, generator):
+        del generator
+        return [({}, batch)]
+
     def element_mask(self, batch):
+        del batch
         return None
 
 

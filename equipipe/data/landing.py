@@ -314,7 +314,7 @@ def _verify_and_land(
     if count_frames is not None and frames is None:
         try:
             frames = count_frames(path)
-        except Exception as e:  # noqa: BLE001 - a frame cut short, garbage, ...
+        except Exception as e:  # a frame cut short, garbage, ...
             if cached:
                 path.unlink(missing_ok=True)  # a wrong file must not be landed by the next run
             raise DownloadError(

@@ -53,7 +53,7 @@ def _codecs_encode(obj: Any, encoding: str = "utf-8", errors: str = "strict") ->
     return obj.encode(encoding, errors)
 
 
-def _numpy_global(module: str, name: str):
+def _numpy_global(name: str):
     import numpy as np
 
     if name == "dtype":
@@ -106,9 +106,10 @@ class RestrictedUnpickler(pickle.Unpickler):
             return OrderedDict
         if module in ("builtins", "__builtin__"):
             return _BUILTINS[name]
-        return _numpy_global(module, name)
+        return _numpy_global(name)
 
     def persistent_load(self, pid):
+        del pid  # every persistent id is refused
         raise RefusedPickle("refused persistent id: this loader admits only plain data")
 
 

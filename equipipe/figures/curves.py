@@ -175,7 +175,7 @@ def _pct_figure(
     ax.set_yscale("log" if logy else "linear")
     exps = _plot_pct(ctx, ax, group=group, mark_dip=mark_dip, logx=logx, logy=logy)
     apply_axes(ax, ctx, xscale=xscale, yscale=yscale, xlabel=STEP_LABEL, ylabel=PCT_LABEL)
-    mark_epochs(ax, ctx, exps, logx=logx)
+    mark_epochs(ax, ctx, exps)
     add_annotations(ax, ctx, ctx.steps_per_epoch(exps[0]) if exps else None)
     add_legend(ax, ctx)
     field_name = ctx.primary_field(exps[0]) if exps else None

@@ -1,7 +1,7 @@
 """The data a figure reads: ``FigureContext`` (spec, metrics table, run facts) and its selection.
 
 * ``spec``: ``{"kind": str, "experiments": [names], "style": {...}, "caption": str}``;
-* ``metrics``: the collected table (``results/metrics_all.parquet``; CONTRACTS.md columns plus
+* ``metrics``: the collected table (``results/metrics_all.parquet``; ``equipipe.metrics`` columns plus
   ``experiment, seed, task, model, size``);
 * ``runs``: run.json contents keyed ``"<experiment>/<seed>"`` (``equipipe.collect.load_runs``);
 * ``extra``: named extra inputs (analysis output folders) for kinds that need them.

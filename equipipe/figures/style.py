@@ -195,7 +195,7 @@ def mark_no_data(ax, what: str):
     ax.text(0.5, 0.5, what, transform=ax.transAxes, ha="center", va="center", color="0.4")
 
 
-def mark_epochs(ax, ctx: FigureContext, exps: list[str], *, logx: bool):
+def mark_epochs(ax, ctx: FigureContext, exps: list[str]):
     if not ctx.opt("epoch_marker", False):
         return
     seen: dict[float, int] = {}

@@ -44,12 +44,14 @@ float32 and float64 (``model.double()`` with a float64 ``pos``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 import torch
 from e3nn import o3
 from e3nn.nn import Gate
 from torch import Tensor, nn
+
+from equipipe.models.registry import sized_config
 
 Batch = dict[str, Tensor]
 
@@ -93,15 +95,7 @@ SIZES: dict[str, EquivariantConfig] = {
 
 def build(size: str, **overrides) -> EquivariantForceField:
     """The model of a named size (``tiny``, ``1M``, ``4M``, ``6M``); overrides replace fields."""
-    if size not in SIZES:
-        raise ValueError(f"unknown equivariant size {size!r}; allowed: {sorted(SIZES)}")
-    unknown = sorted(set(overrides) - {f.name for f in fields(EquivariantConfig)})
-    if unknown:
-        raise ValueError(
-            f"equivariant override {unknown[0]!r} is unknown; "
-            f"allowed: {', '.join(f.name for f in fields(EquivariantConfig))}"
-        )
-    cfg = replace(SIZES[size], **overrides)
+    cfg = sized_config("equivariant", EquivariantConfig(), SIZES, size, overrides)
     if torch.get_default_device().type == "meta":
         # e3nn computes constants (Wigner 3j symbols, activation moments) with real tensors
         # while it builds, which the meta device (parameter counting) cannot: build on the CPU.
@@ -341,8 +335,3 @@ class EquivariantForceField(nn.Module):
     def _mean_per_molecule(e: Tensor, index: Tensor, n_atoms: Tensor, B: int) -> Tensor:
         total = torch.zeros(B, dtype=e.dtype, device=e.device).index_add(0, index, e)
         return total / n_atoms.to(e.dtype).clamp(min=1)
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

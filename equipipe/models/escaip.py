@@ -21,11 +21,13 @@ Outputs are in the task's normalised units: ``energy`` (B,) and ``forces`` (N, 3
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from equipipe.models.registry import sized_config
 
 MAGNITUDES = ("softplus", "linear")
 EMBED_INITS = ("normal", "uniform")
@@ -453,15 +455,7 @@ SIZES: tuple[str, ...] = tuple(SIZE_CONFIGS)
 
 def config_for(size: str, **overrides) -> EScAIPConfig:
     """The config of a named size with field overrides (errors name the allowed values)."""
-    if size not in SIZE_CONFIGS:
-        raise ValueError(f"escaip size {size!r} is unknown; allowed: {', '.join(SIZES)}")
-    allowed = {f.name for f in fields(EScAIPConfig)}
-    unknown = sorted(set(overrides) - allowed)
-    if unknown:
-        raise ValueError(
-            f"escaip override {unknown[0]!r} is unknown; allowed: {', '.join(sorted(allowed))}"
-        )
-    return replace(EScAIPConfig(), **{**SIZE_CONFIGS[size], **overrides})
+    return sized_config("escaip", EScAIPConfig(), SIZE_CONFIGS, size, overrides)
 
 
 def build(size: str, **overrides) -> EScAIP:

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -61,6 +61,7 @@ import torch
 from torch import Tensor, nn
 
 from equipipe.models.equivariant import radius_graph
+from equipipe.models.registry import sized_config
 
 Batch = dict[str, Tensor]
 
@@ -117,15 +118,7 @@ _GLOBAL_STATE_DONE = False
 
 def build(size: str, stats: dict[str, Any] | None = None, **overrides) -> NequIPForceField:
     """The adapter at a named size; ``stats`` from :func:`task_statistics` + the task state."""
-    if size not in SIZES:
-        raise ValueError(f"unknown nequip size {size!r}; allowed: {sorted(SIZES)}")
-    allowed = [f.name for f in fields(NequIPConfig) if f.name not in STAT_FIELDS]
-    unknown = sorted(set(overrides) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"nequip override {unknown[0]!r} is unknown; allowed: {', '.join(allowed)}"
-        )
-    cfg = replace(SIZES[size], **overrides)
+    cfg = sized_config("nequip", NequIPConfig(), SIZES, size, overrides, fixed=STAT_FIELDS)
     if stats:
         cfg = replace(cfg, **{k: v for k, v in stats.items() if k in STAT_FIELDS})
         cfg.elements = tuple(int(z) for z in cfg.elements)

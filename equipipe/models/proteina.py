@@ -27,11 +27,13 @@ conditioning widths and the triangle width 196 follow the upstream Proteína con
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from equipipe.models.registry import sized_config
 
 
 @dataclass(frozen=True)
@@ -448,13 +450,7 @@ SIZES: tuple[str, ...] = tuple(SIZE_CONFIGS)
 
 def config_for(size: str, **overrides) -> ProteinaConfig:
     """The config of a named size with field overrides (errors name the allowed values)."""
-    if size not in SIZE_CONFIGS:
-        raise ValueError(f"proteina size {size!r} is unknown; allowed: {', '.join(SIZES)}")
-    allowed = {f.name for f in fields(ProteinaConfig)}
-    unknown = sorted(set(overrides) - allowed)
-    if unknown:
-        raise ValueError(f"proteina: unknown config field(s) {unknown}; allowed: {sorted(allowed)}")
-    return replace(SIZE_CONFIGS[size], **overrides)
+    return sized_config("proteina", ProteinaConfig(), SIZE_CONFIGS, size, overrides)
 
 
 def build(size: str, **overrides) -> Proteina:

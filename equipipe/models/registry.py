@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib
 import re
-from typing import Any
+from collections.abc import Collection, Mapping
+from dataclasses import fields, replace
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -24,6 +26,7 @@ _MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 SIZES: dict[str, tuple[str, ...]] = {name: sizes for name, (_, sizes) in _MODELS.items()}
+C = TypeVar("C")  # a model family's config dataclass
 
 
 def _entry(name: str, size: str) -> str:
@@ -55,6 +58,37 @@ def task_statistics(name: str, examples: list[dict[str, Any]], **overrides: Any)
     if not hasattr(module, "task_statistics"):
         return None
     return module.task_statistics(examples, overrides.get("r_max"))
+
+
+def sized_config(
+    family: str,
+    base: C,
+    sizes: Mapping[str, C | dict[str, Any]],
+    size: str,
+    overrides: dict[str, Any],
+    fixed: Collection[str] = (),
+) -> C:
+    """The config dataclass of a named size with field overrides (errors name allowed values).
+
+    Args:
+        family: the model's registry name, for messages.
+        base: the family's default config (a dataclass instance; its fields are the allowed
+            overrides).
+        sizes: size name -> a whole config, or the fields that differ from ``base``.
+        size: the size asked for. overrides: field -> value.
+        fixed: fields that are not overrides (set from training statistics).
+    """
+    if size not in sizes:
+        raise ValueError(f"{family} size {size!r} is unknown; allowed: {', '.join(sizes)}")
+    allowed = [f.name for f in fields(cast(Any, base)) if f.name not in fixed]
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"{family} override {unknown[0]!r} is unknown; allowed: {', '.join(allowed)}"
+        )
+    sized = sizes[size]
+    cfg = replace(cast(Any, base), **sized) if isinstance(sized, dict) else sized
+    return replace(cfg, **overrides)
 
 
 def param_count(model: nn.Module) -> int:

@@ -19,11 +19,13 @@ levels x(1, 2, 4, 4), ~0.26M). Parameter counts are within 10 % of the labels (t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from equipipe.models.registry import sized_config
 
 
 @dataclass(frozen=True)
@@ -177,21 +179,9 @@ SIZES: tuple[str, ...] = tuple(SIZE_CONFIGS)
 
 def config_for(size: str, **overrides) -> VoxMolConfig:
     """The config of a named size with field overrides (errors name the allowed values)."""
-    if size not in SIZE_CONFIGS:
-        raise ValueError(f"voxmol size {size!r} is unknown; allowed: {', '.join(SIZES)}")
-    allowed = {f.name for f in fields(VoxMolConfig)}
-    unknown = sorted(set(overrides) - allowed)
-    if unknown:
-        raise ValueError(
-            f"voxmol override {unknown[0]!r} is unknown; allowed: {', '.join(sorted(allowed))}"
-        )
-    return replace(VoxMolConfig(), **{**SIZE_CONFIGS[size], **overrides})
+    return sized_config("voxmol", VoxMolConfig(), SIZE_CONFIGS, size, overrides)
 
 
 def build(size: str, **overrides) -> VoxMolUNet:
     """Registry entry point: ``build("111M")``, ``build("tiny", dropout=0.0)``."""
     return VoxMolUNet(config_for(size, **overrides))
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

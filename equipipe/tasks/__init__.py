@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from equipipe.tasks.base import Batch, Task
+
+if TYPE_CHECKING:  # mypy checks every registered task against the protocol, member by member
+    from equipipe.tasks.denoising import DenoisingTask
+    from equipipe.tasks.flowmatching import FlowMatchingTask
+    from equipipe.tasks.forcefield import ForceFieldTask
+
+    _CONFORMING: tuple[type[Task], ...] = (ForceFieldTask, DenoisingTask, FlowMatchingTask)
 
 # name -> (module path, class name). Other tasks register here the same way.
 _TASKS: dict[str, tuple[str, str]] = {
@@ -22,7 +29,7 @@ def make_task(name: str, cfg: dict[str, Any] | None = None) -> Task:
     if name not in _TASKS:
         raise ValueError(f"task {name!r} is unknown; allowed: {', '.join(_TASKS)}")
     module, cls = _TASKS[name]
-    return getattr(importlib.import_module(module), cls)(cfg or {})
+    return vars(importlib.import_module(module))[cls](cfg or {})
 
 
 __all__ = ["Batch", "Task", "TASK_NAMES", "make_task"]

@@ -12,10 +12,13 @@ An *example* is ``dict[str, np.ndarray]`` as read from the store (``Store.get``)
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from equipipe.equivariance import Decomposition
 
 Batch = dict[str, Tensor]
 
@@ -25,13 +28,27 @@ class Task(Protocol):
     """One learning problem: data layout, model family, loss, and the group action.
 
     The first seven members are DESIGN.md's contract; the rest are what the one training
-    loop needs to stay task-agnostic.
+    loop and the analyses need to stay task-agnostic. Every member is declared here and
+    implemented by every task (a task without a use for one says so: ``rotation_set`` gives
+    None, ``shared_rotated_predictions`` None, ``interpolation_floor`` ``{}``); nothing probes
+    a task for members beyond this protocol. Rotations act through ``equipipe.so3``.
     """
 
-    name: str
-    fields: tuple[str, ...]  # outputs decomposed, e.g. ("forces", "energy")
-    units: dict[str, str]  # unit of each field's SQUARED error, e.g. {"forces": "(eV/A)^2"}
-    primary_field: str  # the field whose pct the figures show
+    # read-only members (a class attribute implements each)
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """Outputs decomposed, e.g. ("forces", "energy")."""
+
+    @property
+    def units(self) -> dict[str, str]:
+        """Unit of each field's SQUARED error, e.g. {"forces": "(eV/A)^2"}."""
+
+    @property
+    def primary_field(self) -> str:
+        """The field whose pct the figures show."""
 
     def build_model(self, size: str) -> nn.Module: ...
 
@@ -51,7 +68,29 @@ class Task(Protocol):
         """Apply R^-1 per example: vectors by R^T, scalars unchanged, grids resampled."""
 
     def repeat(self, batch: Batch, k: int) -> Batch:
-        """k copies, copy-major (see module docstring), for one batched forward."""
+        """k copies, copy-major (see module docstring), for one batched forward
+        (``repeat_ragged`` / ``repeat_padded``)."""
+
+    def shared_rotated_predictions(
+        self, model: nn.Module, batch: Batch, R: Tensor, plain: bool = True
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None] | None:
+        """Canonicalised predictions of K rotated copies from one shared pass, or None.
+
+        Where the model allows it (an invariant trunk): field -> (K, *shape) stack of
+        g_k^-1 f(g_k x) for R (K, B, 3, 3), and (with ``plain``) ``predict(model, batch)``.
+        None when the model or the batch does not allow it: the evaluator then runs K forwards.
+        """
+
+    def rotation_set(self, labels: dict) -> Tensor | None:
+        """The finite group (G, 3, 3) an evaluation view (its ``labels``) is evaluated over
+        exhaustively, or None for K Haar draws per example."""
+
+    def interpolation_floor(
+        self, batch: Batch, generator: torch.Generator | None, k: int | None = None
+    ) -> dict[str, Decomposition]:
+        """The decomposition an exactly equivariant reference shows on a Haar view (the
+        resampling error of grid tasks), field -> Decomposition; ``{}`` when nothing is
+        resampled (the evaluation is exact)."""
 
     # --- what the generic loop needs beyond DESIGN.md's seven members ---------------
 
@@ -85,6 +124,50 @@ class Task(Protocol):
 
     def augment(self, batch: Batch, generator: torch.Generator) -> Batch:
         """Task-specific extra augmentation (e.g. the voxel task's <=0.5 A shift); may be identity."""
+
+
+class EvaluationDefaults:
+    """The protocol's evaluation members for a task with nothing special to say: K Haar
+    rotations per example in every view, K forward passes, no interpolation floor (the group
+    action is exact). A task (or a user's adapter, ``examples/custom_loop.py``) inherits these
+    and overrides what it does differently (the force field shares one trunk pass; the voxel
+    task has a finite group and a floor)."""
+
+    def shared_rotated_predictions(
+        self, model: nn.Module, batch: Batch, R: Tensor, plain: bool = True
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None] | None:
+        """None: the evaluator runs K forward passes."""
+        del model, batch, R, plain
+        return None
+
+    def rotation_set(self, labels: dict) -> Tensor | None:
+        """None: every view gets K Haar rotations per example."""
+        del labels
+        return None
+
+    def interpolation_floor(
+        self, batch: Batch, generator: torch.Generator | None, k: int | None = None
+    ) -> dict[str, Decomposition]:
+        """{}: nothing is resampled, the action is exact."""
+        del batch, generator, k
+        return {}
+
+
+def repeat_ragged(batch: Batch, k: int, n_examples: int, index: str = "batch") -> Batch:
+    """k copies of a ragged batch (rows of all examples concatenated), copy-major.
+
+    Every tensor is concatenated k times; the row -> example index ``batch[index]`` (N,) of
+    copy c is offset by c * n_examples, so copy c of example b is example c * B + b.
+    """
+    out = {key: torch.cat([value] * k) for key, value in batch.items()}
+    offsets = torch.arange(k, device=batch[index].device) * n_examples
+    out[index] = (batch[index][None, :] + offsets[:, None]).reshape(-1)
+    return out
+
+
+def repeat_padded(batch: Batch, k: int) -> Batch:
+    """k copies of a padded batch (every tensor leads with the example axis), copy-major."""
+    return {key: v.repeat(k, *[1] * (v.dim() - 1)) for key, v in batch.items()}
 
 
 def to_device(batch: Batch, device: torch.device | str) -> Batch:

@@ -48,7 +48,7 @@ so the density is band-limited), ``density_form`` (``voxmol`` | ``gaussian``, se
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -57,8 +57,8 @@ from torch import Tensor, nn
 
 from equipipe.bandlimit import bandlimited_noise, is_signed_permutation, spline_rotate
 from equipipe.config import defaults
-from equipipe.so3 import haar_rotations, octahedral_rotations, rotate_grid
-from equipipe.tasks.base import Batch
+from equipipe.so3 import haar_rotations, octahedral_rotations, rotate_grid, rotate_per_example
+from equipipe.tasks.base import Batch, EvaluationDefaults, repeat_ragged
 from equipipe.voxel import (
     ATOMIC_NUMBERS,
     FORMS,
@@ -68,6 +68,9 @@ from equipipe.voxel import (
     seeded_noise,
     voxelize,
 )
+
+if TYPE_CHECKING:
+    from equipipe.equivariance import Decomposition
 
 # the schema's; the grid is the GEOM preprocess grid (the workflow passes the dataset's own)
 _GRID = defaults("preprocess", "geom")
@@ -82,7 +85,7 @@ N_CHANNELS = len(ATOMIC_NUMBERS)
 _PER_EXAMPLE = ("n_atoms", "noise_seed", "noise_rot", "noise_fixed", "ball_mask")
 
 
-class DenoisingTask:
+class DenoisingTask(EvaluationDefaults):  # shared_rotated_predictions: None
     name = "denoising"
     fields = ("density",)
     units = {"density": "density^2"}
@@ -196,7 +199,7 @@ class DenoisingTask:
         if R.dim() == 2:
             R = R.expand(self.num_examples(batch), 3, 3)
         out = dict(batch)
-        out["pos"] = torch.einsum("nij,nj->ni", R[batch["batch"]], batch["pos"])
+        out["pos"] = rotate_per_example(batch["pos"], R, batch["batch"])
         out["noise_rot"] = R.to(batch["noise_rot"]) @ batch["noise_rot"]
         return out
 
@@ -214,11 +217,7 @@ class DenoisingTask:
 
     def repeat(self, batch: Batch, k: int) -> Batch:
         """k copies, copy-major: copy c of example b is example c * B + b."""
-        B = self.num_examples(batch)
-        out = {key: torch.cat([value] * k) for key, value in batch.items()}
-        offsets = torch.arange(k, device=batch["batch"].device) * B
-        out["batch"] = (batch["batch"][None, :] + offsets[:, None]).reshape(-1)
-        return out
+        return repeat_ragged(batch, k, self.num_examples(batch))
 
     def num_examples(self, batch: Batch) -> int:
         return int(batch["n_atoms"].shape[0])
@@ -279,6 +278,7 @@ class DenoisingTask:
 
     def prepare_train(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> Batch:
         """Fresh noise seeds (unrotated noise: it is i.i.d., its orientation is irrelevant)."""
+        del model
         seeds = torch.randint(0, 2**62, (self.num_examples(batch),), generator=generator)
         return self._with_noise(batch, seeds, fixed=False, ball=False)
 
@@ -326,7 +326,7 @@ class DenoisingTask:
 
     def interpolation_floor(
         self, batch: Batch, generator: torch.Generator | None, k: int | None = None
-    ) -> dict[str, Any]:
+    ) -> dict[str, Decomposition]:
         """Haar-mode decomposition of an isotropic blur of the noisy input (the resampling floor).
 
         The blur commutes with every rotation in the continuum, so whatever equivariance error
@@ -352,6 +352,6 @@ class DenoisingTask:
                 noisy, _ = self.model_input(self.rotate(batch, R[i]))
                 zs.append(self.canonicalize({"density": self.blur(noisy)}, R[i])["density"])
             y = self.target(batch)["density"]
-        mask = self.element_mask(batch)["density"]
+        mask = (self.element_mask(batch) or {}).get("density")
         z = torch.stack(zs)
         return {"density": decomposition_from_predictions(z, y, mask=mask, n_examples=B)}

@@ -34,15 +34,17 @@ import torch
 from torch import Tensor, nn
 
 from equipipe.config import defaults
+from equipipe.models import interface
 from equipipe.models.registry import build_model
-from equipipe.tasks.base import Batch
+from equipipe.so3 import inverse, rotate_vectors
+from equipipe.tasks.base import Batch, EvaluationDefaults, repeat_padded
 
 DEFAULTS: dict[str, Any] = defaults("task_cfg", "flowmatching")  # the schema's
 
 _VECTORS = ("x1", "x0", "x_sc")
 
 
-class FlowMatchingTask:
+class FlowMatchingTask(EvaluationDefaults):
     name = "flowmatching"
     fields = ("x1",)
     units = {"x1": "nm^2"}
@@ -111,14 +113,12 @@ class FlowMatchingTask:
         out = dict(batch)
         for key in _VECTORS:
             if key in batch:
-                x = batch[key]
-                out[key] = torch.einsum("bij,blj->bli", R.to(device=x.device, dtype=x.dtype), x)
+                out[key] = rotate_vectors(batch[key], R)
         return out
 
     def canonicalize(self, pred: dict[str, Tensor], R: Tensor) -> dict[str, Tensor]:
         """x1_hat of example b by R[b]^T; returns the decomposed field only."""
-        x = pred["x1"]
-        return {"x1": torch.einsum("bji,blj->bli", R.to(device=x.device, dtype=x.dtype), x)}
+        return {"x1": rotate_vectors(pred["x1"], inverse(R))}
 
     def shared_rotated_predictions(
         self, model: nn.Module, batch: Batch, R: Tensor, plain: bool = True
@@ -130,23 +130,24 @@ class FlowMatchingTask:
         g_k^-1 f(g_k x), and (``plain``) ``predict(model, batch)``. None otherwise.
         R: (K, B, 3, 3). Rotation commutes with the interpolation: R x_t = (1-t) R x0 + t R x1.
         """
-        forward_rotated = getattr(model, "forward_rotated", None)
-        if forward_rotated is None or "x_sc" in batch or getattr(model.cfg, "tri_every", 0):
+        forward_rotated = interface.forward_rotated(model)
+        pair_updates = int(getattr(getattr(model, "cfg", None), "tri_every", 0) or 0)
+        if forward_rotated is None or "x_sc" in batch or pair_updates:
             return None
         K, (B, L) = R.shape[0], batch["mask"].shape
         x_t = self.interpolate(batch)
         Rx = R.to(x_t)
         v = forward_rotated(x_t, batch["t"], batch["mask"], Rx, batch.get("chain_break"))
         v = v.to(x_t.dtype).reshape(K, B, L, 3) * batch["mask"][..., None]
-        x_rot = torch.einsum("kbij,blj->kbli", Rx, x_t)
+        x_rot = rotate_vectors(x_t, Rx)  # (K, B, L, 3)
         one_minus_t = (1 - batch["t"].to(x_t.dtype))[:, None, None]
         x1 = (x_rot + one_minus_t * v) * batch["mask"][..., None]
-        z = {"x1": torch.einsum("kbji,kblj->kbli", Rx, x1)}
+        z = {"x1": rotate_vectors(x1, inverse(Rx))}
         return z, (self.predict(model, batch) if plain else None)
 
     def repeat(self, batch: Batch, k: int) -> Batch:
         """k copies, copy-major: copy c of example b is example c * B + b."""
-        return {key: v.repeat(k, *[1] * (v.dim() - 1)) for key, v in batch.items()}
+        return repeat_padded(batch, k)
 
     def num_examples(self, batch: Batch) -> int:
         return int(batch["x1"].shape[0])
@@ -241,6 +242,7 @@ class FlowMatchingTask:
         return {"x1": batch["mask"][..., None].expand(batch["x1"].shape)}
 
     def augment(self, batch: Batch, generator: torch.Generator) -> Batch:
+        del generator
         return batch
 
     def accuracy(self, pred: dict[str, Tensor], batch: Batch) -> dict[str, tuple[float, str]]:

@@ -30,14 +30,16 @@ import torch
 from torch import Tensor, nn
 
 from equipipe.config import defaults
+from equipipe.models import interface
 from equipipe.models.registry import build_model, task_statistics
-from equipipe.tasks.base import Batch
+from equipipe.so3 import inverse, rotate_per_example
+from equipipe.tasks.base import Batch, EvaluationDefaults, repeat_ragged
 
 DEFAULTS: dict[str, Any] = defaults("task_cfg", "forcefield")  # the schema's
 ENERGY_REFERENCES = ("linear", "none")
 
 
-class ForceFieldTask:
+class ForceFieldTask(EvaluationDefaults):
     name = "forcefield"
     fields = ("forces", "energy")
     units = {"forces": "(eV/A)^2", "energy": "eV^2"}
@@ -62,7 +64,7 @@ class ForceFieldTask:
         overrides = self.cfg["model_overrides"] or {}
         stats = (self.state or {}).get("model_stats")
         if stats is not None:
-            s = self.state
+            s = self._require_state()
             stats = {**stats, **{k: s[k] for k in ("energy_mean", "energy_std", "force_std")}}
         return build_model(self.cfg["model"], size, stats=stats, **overrides)
 
@@ -98,13 +100,10 @@ class ForceFieldTask:
     def rotate(self, batch: Batch, R: Tensor) -> Batch:
         """Positions and forces of example b by R[b] (about the origin; the model only sees
         relative vectors). Energies are invariant."""
-        Ra = R.to(batch["pos"])[batch["batch"]]  # (N, 3, 3), on the batch's device and dtype
         out = dict(batch)
-        out["pos"] = torch.einsum("nij,nj->ni", Ra, batch["pos"])
+        out["pos"] = rotate_per_example(batch["pos"], R, batch["batch"])
         if "forces" in batch:
-            out["forces"] = torch.einsum(
-                "nij,nj->ni", Ra.to(batch["forces"].dtype), batch["forces"]
-            )
+            out["forces"] = rotate_per_example(batch["forces"], R, batch["batch"])
         return out
 
     def canonicalize(self, pred: dict[str, Tensor], R: Tensor) -> dict[str, Tensor]:
@@ -113,9 +112,8 @@ class ForceFieldTask:
         ``pred["batch"]`` (from ``predict``) says which example each atom belongs to; it is not
         passed on, so the result holds exactly ``fields`` (stackable, averageable).
         """
-        Ra = R.to(pred["forces"])[pred["batch"]]
         return {
-            "forces": torch.einsum("nji,nj->ni", Ra, pred["forces"]),
+            "forces": rotate_per_example(pred["forces"], inverse(R), pred["batch"]),
             "energy": pred["energy"],
         }
 
@@ -126,31 +124,28 @@ class ForceFieldTask:
 
         For a model with ``forward_rotated`` (an invariant trunk, e.g. the EScAIP-like model;
         ``equipipe.equivariance.canonical_predictions`` calls this): field -> (K, *shape) stack
-        of g_k^-1 f(g_k x), and the plain prediction ``predict(model, batch)``. None otherwise.
-        R: (K, B, 3, 3).
+        of g_k^-1 f(g_k x), and (``plain``) the prediction ``predict(model, batch)`` from the
+        same pass. None otherwise. R: (K, B, 3, 3).
         """
-        forward_rotated = getattr(model, "forward_rotated", None)
+        forward_rotated = interface.forward_rotated(model)
         if forward_rotated is None:
             return None
-        rotated, plain = forward_rotated(batch, R)
+        rotated, unrotated = forward_rotated(batch, R)
         s = self._require_state()
-        Ra = R.to(rotated["forces"])[:, batch["batch"]]  # (K, N, 3, 3)
-        forces = torch.einsum("knji,knj->kni", Ra, rotated["forces"] * s["force_std"])
+        forces = rotate_per_example(rotated["forces"] * s["force_std"], inverse(R), batch["batch"])
         z = {"forces": forces, "energy": rotated["energy"] * s["energy_std"] + s["energy_mean"]}
+        if not plain:
+            return z, None
         pred = {
-            "energy": plain["energy"] * s["energy_std"] + s["energy_mean"],
-            "forces": plain["forces"] * s["force_std"],
+            "energy": unrotated["energy"] * s["energy_std"] + s["energy_mean"],
+            "forces": unrotated["forces"] * s["force_std"],
             "batch": batch["batch"],
         }
         return z, pred
 
     def repeat(self, batch: Batch, k: int) -> Batch:
         """k copies, copy-major: copy c of example b is example c * B + b."""
-        n_mol = batch["n_atoms"].shape[0]
-        out = {key: torch.cat([value] * k) for key, value in batch.items()}
-        offsets = torch.arange(k, device=batch["batch"].device) * n_mol
-        out["batch"] = (batch["batch"][None, :] + offsets[:, None]).reshape(-1)
-        return out
+        return repeat_ragged(batch, k, self.num_examples(batch))
 
     def num_examples(self, batch: Batch) -> int:
         return int(batch["n_atoms"].shape[0])
@@ -232,15 +227,19 @@ class ForceFieldTask:
     # --- training-loop hooks (nothing random in this task) -------------------------------
 
     def prepare_train(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> Batch:
+        del model, generator
         return batch
 
     def eval_views(self, batch: Batch, generator: torch.Generator) -> list[tuple[dict, Batch]]:
+        del generator
         return [({}, batch)]
 
     def element_mask(self, batch: Batch) -> dict[str, Tensor] | None:
+        del batch  # every atom counts
         return None
 
     def augment(self, batch: Batch, generator: torch.Generator) -> Batch:
+        del generator
         return batch
 
     def accuracy(self, pred: dict[str, Tensor], batch: Batch) -> dict[str, tuple[float, str]]:

@@ -7,17 +7,13 @@ with a ``Content-Disposition`` naming the file. No checksum is published.
 
 from __future__ import annotations
 
-from tests.httpserver import Fault, LoopbackServer
+from tests.httpserver import Fault
+from tests.upstreams import Upstream
 
 
-class Apollo:
-    def __init__(self, server: LoopbackServer):
-        self.server = server
-
-    @property
-    def base(self) -> str:
-        """The value of the source's ``download.apollo_base`` key."""
-        return self.server.url("/bitstreams")
+class Apollo(Upstream):
+    root = "/bitstreams"
+    base = Upstream.endpoint  # the source's download.apollo_base
 
     @staticmethod
     def content_path(bitstream: str) -> str:

@@ -12,19 +12,18 @@ from __future__ import annotations
 import hashlib
 
 from tests.httpserver import Fault, LoopbackServer
+from tests.upstreams import Upstream
 
 DOI = "10.7910/DVN/JNGTDF"
 
 
-class Dataverse:
-    def __init__(self, server: LoopbackServer):
-        self.server = server
-        self.files: list[dict] = []
+class Dataverse(Upstream):
+    root = "/api"
+    api = Upstream.endpoint  # the geom source's download.dataverse_api
 
-    @property
-    def api(self) -> str:
-        """The value of the geom source's ``download.dataverse_api`` key."""
-        return self.server.url("/api")
+    def __init__(self, server: LoopbackServer):
+        super().__init__(server)
+        self.files: list[dict] = []
 
     def add_file(self, file_id: int, name: str, body: bytes, *faults: Fault) -> None:
         """Publish ``body`` as datafile ``file_id``; content faults apply on the storage host."""

@@ -7,17 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.httpserver import Fault, LoopbackServer
+from tests.httpserver import Fault
+from tests.upstreams import Upstream
 
 
-class MidiMirror:
-    def __init__(self, server: LoopbackServer):
-        self.server = server
-
-    @property
-    def url(self) -> str:
-        """The value of the geom source's ``download.midi_url`` key."""
-        return self.server.url("/files/geom_raw/")
+class MidiMirror(Upstream):
+    root = "/files/geom_raw/"
+    url = Upstream.endpoint  # the geom source's download.midi_url
 
     def add(self, files: dict[str, Path], *faults: Fault) -> None:
         for i, (split, path) in enumerate(sorted(files.items())):

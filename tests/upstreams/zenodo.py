@@ -11,17 +11,13 @@ from __future__ import annotations
 import hashlib
 import uuid
 
-from tests.httpserver import Fault, LoopbackServer
+from tests.httpserver import Fault
+from tests.upstreams import Upstream
 
 
-class Zenodo:
-    def __init__(self, server: LoopbackServer):
-        self.server = server
-
-    @property
-    def api(self) -> str:
-        """The value of a source's ``download.zenodo_api`` key."""
-        return self.server.url("/api")
+class Zenodo(Upstream):
+    root = "/api"
+    api = Upstream.endpoint  # a source's download.zenodo_api
 
     @staticmethod
     def content_path(record: int, key: str) -> str:

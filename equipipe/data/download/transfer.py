@@ -419,7 +419,7 @@ def fetch_many(
         for (remote, dest), fut in zip(items, futures):
             try:
                 out.append(fut.result())
-            except Exception as e:
+            except (DownloadError, OSError, ValueError) as e:  # what fetch raises for a file
                 failures.append((remote, dest, e))
     except BaseException:  # KeyboardInterrupt: stop the workers, keep their partials
         cancel.set()

@@ -81,7 +81,7 @@ def _read_any_structure(path: Path):
             st = gemmi.make_structure_from_block(doc[0])
         else:
             st = gemmi.read_pdb_string(text)
-    except Exception as e:  # unreadable test files (deliberately broken ones) are skipped
+    except Exception as e:  # noqa: BLE001 - any unreadable test file (some are broken on purpose) is skipped
         log.debug("embedded: skipping %s (%s)", path, e)
         return None
     return st if len(st) else None
