@@ -186,3 +186,17 @@ def test_each_example_is_a_unit_of_the_standard_errors(task, batch):
         one = task._with_noise(task.collate([ex]), view["noise_seed"][i : i + 1], True, False)
         singles.append(decompose(model, task, one, 24, None, rotations=R)["density"])
     assert d.equiv == pytest.approx(sum(s.equiv for s in singles), rel=1e-5)
+
+
+def test_gradient_norms_flow_through_the_continuous_view(task, batch):
+    """The trainer takes the gradient-norm ratio in the Haar (continuous) view, whose
+    predictions are rotated back by splines: it must differentiate them (the paper grid's
+    voxmol jobs failed with "element 0 of tensors does not require grad")."""
+    from equipipe.equivariance import evaluate_view
+
+    labels, view = next((lv for lv in task.eval_views(batch, torch.Generator().manual_seed(0))
+                         if task.rotation_set(lv[0]) is None))  # fmt: skip
+    model = nn.Conv3d(8, 8, 3, padding=1)
+    res = evaluate_view(model, task, view, 3, torch.Generator().manual_seed(1), gradients=True)
+    g = res.gradient_norms()
+    assert g["grad_norm_equiv"] > 0 and g["grad_norm_mean"] > 0 and np.isfinite(g["grad_ratio"])
