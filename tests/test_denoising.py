@@ -194,8 +194,8 @@ def test_gradient_norms_flow_through_the_continuous_view(task, batch):
     voxmol jobs failed with "element 0 of tensors does not require grad")."""
     from equipipe.equivariance import evaluate_view
 
-    labels, view = next((lv for lv in task.eval_views(batch, torch.Generator().manual_seed(0))
-                         if task.rotation_set(lv[0]) is None))  # fmt: skip
+    labels, view = next(lv for lv in task.eval_views(batch, torch.Generator().manual_seed(0))
+                         if task.rotation_set(lv[0]) is None)  # fmt: skip
     model = nn.Conv3d(8, 8, 3, padding=1)
     res = evaluate_view(model, task, view, 3, torch.Generator().manual_seed(1), gradients=True)
     g = res.gradient_norms()
