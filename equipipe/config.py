@@ -1,5 +1,8 @@
 """Config: schema validation, cross-checks, and each job's own slice.
 
+Size (~670 lines): every plan-time cross-field check lives here, so a config error is raised
+and worded in one place; the schema itself is workflow/schemas/config.schema.yaml.
+
 Imported by ``rules/common.smk`` at planning time, so it must stay light (no torch, e3nn or
 rdkit): the paper grid plans in well under 5 s.
 """

@@ -1,5 +1,8 @@
 """The efficiency gap, measured: when does an equivariant model win per GPU-hour?
 
+Size (~630 lines): one analysis whose rows (c, p, α, c*, the assumption checks, the sweep's
+spread) share the same curves and fits; its figure is :mod:`equipipe.figures.efficiency`.
+
 PAPER.md derives (does not compute) the break-even per-step cost ratio
 
     c* = (1 - p)^(-1/α)

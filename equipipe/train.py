@@ -1,5 +1,8 @@
 """One training loop for every task, with equivariance evaluation during training.
 
+Size (~620 lines): the Trainer (data, evaluation and its logging, checkpoint and resume, DDP);
+the training step itself is :mod:`equipipe.train_step`.
+
 The run writes its declared outputs (metrics.parquet, run.json, model.pt, early.pt) only at
 the end. The checkpoint ``work/ckpt.pt`` (model, optimiser, EMA, the metric rows logged so far
 and every random state, written as one atomic unit by :mod:`equipipe.checkpoint`) lives in the
