@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from equipipe.models.attention import biased_attention
 from equipipe.models.registry import sized_config
 
 
@@ -183,17 +184,21 @@ class PairBiasedAttention(nn.Module):
     ) -> Tensor:
         """``bias``: a precomputed ``self.bias(...)`` (then ``pair_normed`` is not read). A bias
         of B' < B chains is shared by the B // B' copies of x (copy-major: row k * B' + b reads
-        bias b). Measured on CPU: with autograd it is broadcast (no (B, H, L, L) copy to build
-        and sum back); without, repeated, which keeps the fused attention kernel (4-D only)."""
+        bias b). Measured on CPU: with autograd, ``biased_attention`` (written-out backward;
+        SDPA's math path is ~1.4x slower) with the bias broadcast over the copies; without,
+        SDPA's fused kernel (4-D only: the bias repeated), faster than the written-out form."""
         B, L, _ = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.h, self.dh).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
         bias = (self.bias(pair_normed, key_mask) if bias is None else bias).to(q.dtype)
-        if bias.shape[0] != B and torch.is_grad_enabled():
-            q, k, v = (a.unflatten(0, (-1, bias.shape[0])) for a in (q, k, v))
-        elif bias.shape[0] != B:
-            bias = bias.repeat(B // bias.shape[0], 1, 1, 1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).reshape(B, self.h, L, -1)
+        if torch.is_grad_enabled() and (q.requires_grad or bias.requires_grad):
+            if bias.shape[0] != B:
+                q, k, v = (a.unflatten(0, (-1, bias.shape[0])) for a in (q, k, v))
+            out = biased_attention(q, k, v, bias).reshape(B, self.h, L, -1)
+        else:
+            if bias.shape[0] != B:
+                bias = bias.repeat(B // bias.shape[0], 1, 1, 1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.out(out.transpose(1, 2).reshape(B, L, -1))
 
 
