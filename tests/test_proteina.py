@@ -125,3 +125,73 @@ def test_decoder_head_and_gradients():
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert model.decoder.linear.weight.grad.abs().sum() > 0
     assert param_count(model) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("copies", [None, 3])
+def test_biased_attention_equals_sdpa_values_and_gradients(copies):
+    """The written-out attention (the autograd path) equals SDPA with the same additive mask:
+    forward, the gradients of q, k, v and the bias over two backward passes of one forward
+    (as the gradient-norm pass runs them), and its forward-mode derivative (``torch.func``,
+    the landscape analysis' Jacobians) equals the formula's; with ``copies``
+    the bias is shared by leading copies of q, k, v (broadcast; its gradient summed)."""
+    from torch.nn import functional as F
+
+    from equipipe.models.attention import biased_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, H, L, dh = 2, 3, 11, 4
+    lead = (B, H) if copies is None else (copies, B, H)
+    q, k, v = (torch.randn(*lead, L, dh, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[1, 7:] = False  # padded keys; every query still sees real keys
+    bias = torch.randn(B, H, L, L, generator=g, dtype=torch.float64)
+    bias = bias.masked_fill(~mask[:, None, None, :], float("-inf"))
+    inputs = [a.requires_grad_() for a in (q, k, v, bias)]
+    cot = [torch.randn(*lead, L, dh, generator=g, dtype=torch.float64) for _ in range(2)]
+
+    def run(fn):
+        out = fn(*inputs)
+        grads = [torch.autograd.grad(out, inputs, c, retain_graph=True) for c in cot]
+        return out, grads
+
+    def sdpa(q, k, v, b):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=b)
+
+    out, grads = run(biased_attention)
+    ref, ref_grads = run(sdpa)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for gs, rs in zip(grads, ref_grads):
+        for a, r in zip(gs, rs):
+            torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+    assert torch.isfinite(grads[0][3]).all() and (grads[0][3][1, ..., 7:] == 0).all()
+    tangents = [torch.randn(a.shape, generator=g, dtype=torch.float64) for a in inputs]
+    tangents[3] = tangents[3].masked_fill(~mask[:, None, None, :], 0.0)
+    primals = [a.detach() for a in inputs]
+    _, jvp = torch.func.jvp(biased_attention, tuple(primals), tuple(tangents))
+
+    def formula(q, k, v, b):  # SDPA has no forward-mode derivative on its fused CPU path
+        return torch.softmax(q @ k.transpose(-1, -2) / dh**0.5 + b, dim=-1) @ v
+
+    torch.testing.assert_close(formula(*primals), ref.detach(), rtol=1e-12, atol=1e-12)
+    _, jvp_ref = torch.func.jvp(formula, tuple(primals), tuple(tangents))
+    torch.testing.assert_close(jvp, jvp_ref, rtol=1e-10, atol=1e-12)
+    with torch.inference_mode():  # the gradient-free branch
+        torch.testing.assert_close(biased_attention(*primals), ref.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_attention_autograd_path_equals_fused_kernel_in_the_model():
+    """The model's two attention paths (written out with autograd, SDPA's fused kernel
+    without) give the same velocities, in the plain and the shared K-copy forward."""
+    torch.manual_seed(0)
+    model = build_model("proteina", "tiny").eval()
+    x, t, mask, brk = _inputs()
+    R = haar_rotations(2 * 3, torch.Generator().manual_seed(1)).reshape(2, 3, 3, 3)
+    with_grad = model(x, t, mask, chain_break=brk)
+    rot_grad, plain = model.forward_rotated(x, t, mask, R, brk, plain=True)
+    assert with_grad.requires_grad and rot_grad.requires_grad and not plain.requires_grad
+    with torch.inference_mode():
+        fused = model(x, t, mask, chain_break=brk)
+        rot_fused = model.forward_rotated(x, t, mask, R, brk)
+    assert torch.equal(plain, fused)
+    torch.testing.assert_close(with_grad, fused, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rot_grad, rot_fused, rtol=1e-5, atol=1e-6)

@@ -398,8 +398,14 @@ class Proteina(nn.Module):
         return [b.attn.bias_from_table(table_normed, index, mask) for b in self.blocks]
 
     def forward_rotated(
-        self, x_t: Tensor, t: Tensor, mask: Tensor, R: Tensor, chain_break: Tensor | None = None
-    ) -> Tensor:
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        mask: Tensor,
+        R: Tensor,
+        chain_break: Tensor | None = None,
+        plain: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Velocities of K rotated copies of the chains, sharing the invariant pair stack.
 
         Without self-conditioning and pair updates (``tri_every`` 0) the pair representation
@@ -413,9 +419,13 @@ class Proteina(nn.Module):
             x_t: (B, L, 3) unrotated noisy coordinates. t: (B,). mask: (B, L) bool.
             R: (K, B, 3, 3) rotation per copy and chain. chain_break: (B, L) bool or None.
 
+            plain: also return ``self(x_t, t, mask, chain_break=chain_break)`` (B, L, 3),
+                computed from the same attention biases and token terms (the same arithmetic
+                as ``forward``, so equal to it) without autograd (``torch.inference_mode``).
+
         Returns:
             (K * B, L, 3) velocities of the rotated copies (copy-major: row k * B + b), in
-            the rotated frames, zero at padding.
+            the rotated frames, zero at padding; with ``plain``, (that, plain velocity).
         """
         cfg = self.cfg
         if cfg.tri_every:
@@ -428,14 +438,22 @@ class Proteina(nn.Module):
         xr = torch.einsum("kbij,blj->kbli", R.to(x_t), x_t).reshape(K * B, L, 3)
         breaks = torch.zeros_like(maskf) if chain_break is None else chain_break.to(x_t.dtype)
         idx = sinusoidal(torch.arange(L, device=x_t.device).expand(B, L), cfg.idx_emb_dim)
-        idx_term = self.embed_idx(idx.to(x_t.dtype)).repeat(K, 1, 1)
-        break_term = self.embed_break(breaks[..., None]).repeat(K, 1, 1)
-        x = self.embed_xt(xr) + idx_term + break_term + self.embed_sc.bias
-        x = x * maskf.repeat(K, 1)[..., None]
+        idx_term = self.embed_idx(idx.to(x_t.dtype))
+        break_term = self.embed_break(breaks[..., None])
+        x = self.embed_xt(xr) + idx_term.repeat(K, 1, 1) + break_term.repeat(K, 1, 1)
+        x = (x + self.embed_sc.bias) * maskf.repeat(K, 1)[..., None]
         condk, maskk = cond.repeat(K, 1), mask.repeat(K, 1)
         for block, bias in zip(self.blocks, biases):
             x = block(x, None, condk, maskk, bias)  # bias (B, H, L, L), shared by the K copies
-        return self.decoder(x) * maskk[..., None].to(x.dtype)
+        v = self.decoder(x) * maskk[..., None].to(x.dtype)
+        if not plain:
+            return v
+        with torch.inference_mode():  # forward's token stream on the same biases and terms
+            x = self.embed_xt(x_t) + idx_term.detach() + break_term.detach()
+            x = (x + self.embed_sc.bias) * maskf[..., None]
+            for block, bias in zip(self.blocks, biases):
+                x = block(x, None, cond.detach(), mask, bias.detach())
+            return v, self.decoder(x) * maskf[..., None]
 
 
 # --------------------------------------------------------------------------------------------

@@ -85,8 +85,13 @@ class FlowMatchingTask(EvaluationDefaults):
         v = model(
             x_t, batch["t"], mask, x_sc=batch.get("x_sc"), chain_break=batch.get("chain_break")
         )
+        return self._prediction(x_t, batch["t"], mask, v)
+
+    @staticmethod
+    def _prediction(x_t: Tensor, t: Tensor, mask: Tensor, v: Tensor) -> dict[str, Tensor]:
+        """``v`` (velocity) and ``x1`` = x_t + (1 - t) v from the model's output v (B, L, 3)."""
         v = v.to(x_t.dtype) * mask[..., None]
-        one_minus_t = (1 - batch["t"].to(x_t.dtype))[:, None, None]
+        one_minus_t = (1 - t.to(x_t.dtype))[:, None, None]
         return {"x1": (x_t + one_minus_t * v) * mask[..., None], "v": v}
 
     def loss(self, pred: dict[str, Tensor], batch: Batch) -> Tensor:
@@ -127,7 +132,8 @@ class FlowMatchingTask(EvaluationDefaults):
 
         For a model with ``forward_rotated`` (Proteína-like without pair updates), when
         self-conditioning is off (evaluation views): field -> (K, B, L, 3) stack of
-        g_k^-1 f(g_k x), and (``plain``) ``predict(model, batch)``. None otherwise.
+        g_k^-1 f(g_k x), and (``plain``) ``predict(model, batch)`` from the same pair biases,
+        without autograd (it serves the accuracy; equal to ``predict`` under inference mode). None otherwise.
         R: (K, B, 3, 3). Rotation commutes with the interpolation: R x_t = (1-t) R x0 + t R x1.
         """
         forward_rotated = interface.forward_rotated(model)
@@ -136,14 +142,18 @@ class FlowMatchingTask(EvaluationDefaults):
             return None
         K, (B, L) = R.shape[0], batch["mask"].shape
         x_t = self.interpolate(batch)
-        Rx = R.to(x_t)
-        v = forward_rotated(x_t, batch["t"], batch["mask"], Rx, batch.get("chain_break"))
-        v = v.to(x_t.dtype).reshape(K, B, L, 3) * batch["mask"][..., None]
+        Rx, mask = R.to(x_t), batch["mask"]
+        out = forward_rotated(x_t, batch["t"], mask, Rx, batch.get("chain_break"), plain=plain)
+        v, v_plain = out if plain else (out, None)
+        v = v.to(x_t.dtype).reshape(K, B, L, 3) * mask[..., None]
         x_rot = rotate_vectors(x_t, Rx)  # (K, B, L, 3)
         one_minus_t = (1 - batch["t"].to(x_t.dtype))[:, None, None]
-        x1 = (x_rot + one_minus_t * v) * batch["mask"][..., None]
+        x1 = (x_rot + one_minus_t * v) * mask[..., None]
         z = {"x1": rotate_vectors(x1, inverse(Rx))}
-        return z, (self.predict(model, batch) if plain else None)
+        if v_plain is None:
+            return z, None
+        with torch.inference_mode():  # ``predict``'s arithmetic on the shared pass's velocity
+            return z, self._prediction(x_t.detach(), batch["t"], mask, v_plain)
 
     def repeat(self, batch: Batch, k: int) -> Batch:
         """k copies, copy-major: copy c of example b is example c * B + b."""
