@@ -175,7 +175,11 @@ def test_biased_attention_equals_sdpa_values_and_gradients(copies):
     torch.testing.assert_close(formula(*primals), ref.detach(), rtol=1e-12, atol=1e-12)
     _, jvp_ref = torch.func.jvp(formula, tuple(primals), tuple(tangents))
     torch.testing.assert_close(jvp, jvp_ref, rtol=1e-10, atol=1e-12)
-    with torch.inference_mode():  # the gradient-free branch
+    stacked = torch.stack([primals[0], 2 * primals[0]])  # vmap over q (its loop rule)
+    batched = torch.func.vmap(lambda a: biased_attention(a, *primals[1:]))(stacked)
+    torch.testing.assert_close(batched[0], ref.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(batched[1], formula(stacked[1], *primals[1:]))
+    with torch.inference_mode():  # without autograd
         torch.testing.assert_close(biased_attention(*primals), ref.detach(), rtol=1e-12, atol=1e-12)
 
 

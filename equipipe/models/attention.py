@@ -16,8 +16,8 @@ The bias may be shared by leading copies of q: ``bias`` (*lead_b, L, L) with q (
 then summed over the extra dims. Every query row must see at least one finite bias entry (a
 row of -inf gives NaN here, zeros in SDPA's safe softmax).
 
-Forward-mode (``jvp``) and vmap are supported, so ``torch.func`` transforms of a model that
-uses it work (the landscape analysis' Jacobians).
+Forward-mode (``jvp``) and ``vmap`` (a loop) are supported, so ``torch.func`` transforms of a
+model that uses it work (the landscape analysis' vmapped Jacobians).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def _probabilities(q: Tensor, k: Tensor, bias: Tensor) -> Tensor:
     kt = _flat(k).transpose(1, 2).contiguous()  # (N, dh, L): the fast GEMM layout
     s = torch.bmm(_flat(q) * scale, kt).view(*q.shape[:-1], k.shape[-2])
     s += bias  # broadcast over the extra leading dims
-    return torch.softmax(s, dim=-1)
+    # in place: no second (*lead, L, L) buffer (fresh large buffers cost page faults on CPU)
+    return torch.ops.aten._softmax.out(s, -1, False, out=s)
 
 
 def _sum_to(x: Tensor, shape: torch.Size) -> Tensor:
@@ -47,8 +48,6 @@ def _sum_to(x: Tensor, shape: torch.Size) -> Tensor:
 
 
 class _BiasedAttention(torch.autograd.Function):
-    generate_vmap_rule = True
-
     @staticmethod
     def forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
         p = _probabilities(q, k, bias)
@@ -103,6 +102,17 @@ class _BiasedAttention(torch.autograd.Function):
             do = do + p @ dv
         return do, None
 
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, bias) -> tuple[tuple[Tensor, Tensor], tuple[int, int]]:
+        """A loop over the vmapped dim (the in-place softmax has no batching rule); no hot
+        path vmaps the attention's inputs (the landscape vmaps tangents, see ``jvp``)."""
+        args = [
+            a.movedim(d, 0) if d is not None else a.expand(info.batch_size, *a.shape)
+            for a, d in zip((q, k, v, bias), in_dims)
+        ]
+        outs = [_BiasedAttention.apply(*row) for row in zip(*(a.unbind(0) for a in args))]
+        return (torch.stack([o for o, _ in outs]), torch.stack([p for _, p in outs])), (0, 0)
+
 
 def biased_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
     """softmax(q k^T / sqrt(dh) + bias) v, differentiable in q, k, v and bias.
@@ -122,7 +132,4 @@ def biased_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
         raise ValueError(
             f"bias {tuple(bias.shape)} does not match q {tuple(q.shape)} and k {tuple(k.shape)}"
         )
-    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (q, k, v, bias)):
-        p = _probabilities(q, k, bias)
-        return torch.bmm(_flat(p), _flat(v)).view(*q.shape[:-1], v.shape[-1])
     return _BiasedAttention.apply(q, k, v, bias)[0]
