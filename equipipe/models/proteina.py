@@ -185,8 +185,9 @@ class PairBiasedAttention(nn.Module):
         """``bias``: a precomputed ``self.bias(...)`` (then ``pair_normed`` is not read). A bias
         of B' < B chains is shared by the B // B' copies of x (copy-major: row k * B' + b reads
         bias b). Measured on CPU: with autograd, ``biased_attention`` (written-out backward;
-        SDPA's math path is ~1.4x slower) with the bias broadcast over the copies; without,
-        SDPA's fused kernel (4-D only: the bias repeated), faster than the written-out form."""
+        SDPA's math path is slower) with the bias broadcast over the copies; without, SDPA's
+        fused kernel (faster than the written-out form), called once per copy with the shared
+        bias (4-D only; a repeated bias is a fresh K-fold buffer, measured slower)."""
         B, L, _ = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.h, self.dh).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
@@ -195,9 +196,14 @@ class PairBiasedAttention(nn.Module):
             if bias.shape[0] != B:
                 q, k, v = (a.unflatten(0, (-1, bias.shape[0])) for a in (q, k, v))
             out = biased_attention(q, k, v, bias).reshape(B, self.h, L, -1)
+        elif bias.shape[0] != B:  # one fused call per copy: no K-fold (B, H, L, L) bias copy
+            out = torch.cat(
+                [
+                    F.scaled_dot_product_attention(*qkv, attn_mask=bias)
+                    for qkv in zip(*(a.unflatten(0, (-1, bias.shape[0])) for a in (q, k, v)))
+                ]
+            )
         else:
-            if bias.shape[0] != B:
-                bias = bias.repeat(B // bias.shape[0], 1, 1, 1)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.out(out.transpose(1, 2).reshape(B, L, -1))
 
