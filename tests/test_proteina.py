@@ -199,3 +199,22 @@ def test_attention_autograd_path_equals_fused_kernel_in_the_model():
     assert torch.equal(plain, fused)
     torch.testing.assert_close(with_grad, fused, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(rot_grad, rot_fused, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bins", [32, 64, 128])
+def test_uniform_bucketize_equals_bucketize(bins):
+    """The arithmetic binning equals torch.bucketize exactly, at the edges, one float on
+    either side of them, outside the range and on random distances."""
+    lo, hi = 0.1, 3.0
+    edges = torch.linspace(lo, hi, bins - 1)
+    d = torch.cat([
+        edges, edges.nextafter(torch.tensor(9.0)), edges.nextafter(torch.tensor(-9.0)),
+        torch.rand(50_000, generator=torch.Generator().manual_seed(bins)) * 3.5,
+        torch.tensor([0.0, lo / 2, hi * 2, 1e9, float("inf"), float("nan")]),
+    ])  # fmt: skip
+    got = proteina.uniform_bucketize(d, edges, lo, (hi - lo) / (bins - 2))
+    assert torch.equal(got, torch.bucketize(d, edges))
+    x = torch.randn(2, 40, 3) * 1.2
+    assert torch.equal(
+        proteina.distance_bins(x, bins, lo, hi), torch.bucketize(torch.cdist(x, x), edges)
+    )
