@@ -189,10 +189,16 @@ def test_shared_rotated_pass_equals_rotated_forwards(ff):
         ref = _rotated_forwards(model, task, batch, R)
         forward = task.predict(model, batch)
         rotated, none = model.forward_rotated(batch, R, plain=False)
+        batched, batched_plain = model.forward_rotated(batch, R, batched=True)  # CUDA's way
+        raw = model(batch)
     for f in task.fields:
         torch.testing.assert_close(z[f], ref[f], rtol=0, atol=1e-12 * ref[f].abs().max())
         assert torch.equal(plain[f], forward[f])
     assert none is None and rotated["forces"].shape == (k, *batch["pos"].shape)
+    for f in task.fields:
+        scale = 1e-12 * rotated[f].abs().max()
+        torch.testing.assert_close(batched[f], rotated[f], rtol=0, atol=scale)
+        torch.testing.assert_close(batched_plain[f], raw[f], rtol=0, atol=scale)
     gradient = build("tiny", forces="gradient", **SMALL)
     assert gradient.forward_rotated is None  # -dE/dx needs the radial part per copy
 

@@ -390,15 +390,16 @@ class EquivariantForceField(nn.Module):
         return self._forward_rotated if self.cfg.forces == "direct" else None
 
     def _forward_rotated(
-        self, batch: Batch, R: Tensor, plain: bool = True
+        self, batch: Batch, R: Tensor, plain: bool = True, batched: bool | None = None
     ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
         """The outputs for K rotated copies of the batch sharing their rotation-invariant work.
 
         The neighbour graph, the radial basis, each block's radial MLP (the tensor-product
-        weights, ~1/5 of a forward) and the embedding depend on distances and atom types only,
-        so they are computed once from the unrotated positions; every copy k then runs the
-        spherical harmonics of its own rotated positions ``rotate_per_example(pos, R[k])``
-        (the ordinary rotated forward's input, bit for bit), the interaction blocks and the head.
+        weights; with the graph about a third of a forward on the CPU) and the embedding depend
+        on distances and atom types only, so they are computed once from the unrotated
+        positions; every copy k then runs the spherical harmonics of its own rotated positions
+        ``rotate_per_example(pos, R[k])`` (the ordinary rotated forward's input), the
+        interaction blocks and the head.
         Equal to ``self(rotated batch)`` up to float rounding of the distances (and an edge
         exactly at the cutoff or a tie at the neighbour cap, which rounding could flip); the
         equivariance error stays at float precision, as the rotated spherical harmonics and
@@ -408,6 +409,8 @@ class EquivariantForceField(nn.Module):
         Args:
             batch: the unrotated batch (module docstring). R: (K, B, 3, 3) rotation per copy
                 and molecule. plain: also run the unrotated copy (the plain prediction).
+            batched: run the copies as one disjoint graph (True) or one after another (False);
+                None: batched on CUDA, one after another on the CPU (equivariance.py's "auto").
 
         Returns:
             ({"energy": (K, B), "forces": (K, N, 3)} of the rotated copies, in the ROTATED
@@ -422,21 +425,33 @@ class EquivariantForceField(nn.Module):
         h = self.embed(z).to(pos.dtype)
         weights = [None if _hooked(b.radial) else b.radial(radial) for b in self.blocks]
 
-        def outputs(vec_k: Tensor) -> tuple[Tensor, Tensor]:
-            out = self._trunk(h, vec_k, radial, src, dst, weights)
-            return self._mean_per_molecule(out[:, 0], index, n_atoms, B), out[:, 1:4]
-
-        energies, forces = [], []
-        for k in range(R.shape[0]):
-            pos_k = rotate_per_example(pos, R[k], index)
-            e, f = outputs(pos_k[src] - pos_k[dst])
-            energies.append(e)
-            forces.append(f)
-        rotated = {"energy": torch.stack(energies), "forces": torch.stack(forces)}
+        vecs = [pos_k[src] - pos_k[dst] for pos_k in rotate_per_example(pos, R, index)]
+        if plain:
+            vecs.append(vec)
+        if batched is None:
+            batched = pos.is_cuda
+        if batched:  # the copies as one graph of C disjoint copies (one pass: GPU)
+            C, N, E = len(vecs), pos.shape[0], src.shape[0]
+            shift = torch.arange(C, device=pos.device).repeat_interleave(E) * N
+            src_c, dst_c = src.repeat(C) + shift, dst.repeat(C) + shift
+            ws = [None if w is None else w.repeat(C, 1) for w in weights]
+            out = self._trunk(
+                h.repeat(C, 1), torch.cat(vecs), radial.repeat(C, 1), src_c, dst_c, ws
+            )
+            index_c = index.repeat(C) + torch.arange(C, device=pos.device).repeat_interleave(N) * B
+            energy = self._mean_per_molecule(out[:, 0], index_c, n_atoms.repeat(C), C * B)
+            energies, forces = list(energy.reshape(C, B)), list(out[:, 1:4].reshape(C, N, 3))
+        else:  # copy after copy (CPU: as fast per copy, less memory)
+            energies, forces = [], []
+            for vec_k in vecs:
+                out = self._trunk(h, vec_k, radial, src, dst, weights)
+                energies.append(self._mean_per_molecule(out[:, 0], index, n_atoms, B))
+                forces.append(out[:, 1:4])
+        k = R.shape[0]
+        rotated = {"energy": torch.stack(energies[:k]), "forces": torch.stack(forces[:k])}
         if not plain:
             return rotated, None
-        e, f = outputs(vec)
-        return rotated, {"energy": e, "forces": f}
+        return rotated, {"energy": energies[k], "forces": forces[k]}
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         z, index, n_atoms = batch["z"], batch["batch"], batch["n_atoms"]
