@@ -218,3 +218,33 @@ def test_uniform_bucketize_equals_bucketize(bins):
     assert torch.equal(
         proteina.distance_bins(x, bins, lo, hi), torch.bucketize(torch.cdist(x, x), edges)
     )
+
+
+def test_forward_mode_jacobian_of_the_decoder_through_the_model():
+    """torch.func's vmapped jvp with respect to decoder.linear.weight (the landscape analysis'
+    Jacobian) runs through the plain and the shared K-copy forward and matches central
+    differences (torch.func hides requires_grad: the attention path follows grad mode)."""
+    torch.manual_seed(0)
+    model = build_model("proteina", "tiny").eval()
+    x, t, mask, brk = _inputs(B=2, L=12)
+    R = haar_rotations(4, torch.Generator().manual_seed(1)).reshape(2, 2, 3, 3)
+    w0 = model.decoder.linear.weight.detach().clone()
+
+    class Both(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self):
+            return self.m(x, t, mask, chain_break=brk), self.m.forward_rotated(x, t, mask, R, brk)
+
+    both = Both()
+
+    def outputs(w):
+        return torch.func.functional_call(both, {"m.decoder.linear.weight": w}, ())
+
+    tangents = torch.eye(w0.numel())[:3].reshape(3, *w0.shape)
+    cols = torch.func.vmap(lambda d: torch.func.jvp(outputs, (w0,), (d,))[1])(tangents)
+    for i in range(2):
+        fd = (outputs(w0 + 1e-2 * tangents[2])[i] - outputs(w0 - 1e-2 * tangents[2])[i]) / 2e-2
+        torch.testing.assert_close(cols[i][2], fd, rtol=1e-3, atol=1e-4)

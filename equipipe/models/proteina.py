@@ -214,7 +214,7 @@ class PairBiasedAttention(nn.Module):
         q, k, v = self.qkv(x).view(B, L, 3, self.h, self.dh).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
         bias = (self.bias(pair_normed, key_mask) if bias is None else bias).to(q.dtype)
-        if torch.is_grad_enabled() and (q.requires_grad or bias.requires_grad):
+        if torch.is_grad_enabled():  # (not requires_grad: torch.func's wrapped tensors hide it)
             if bias.shape[0] != B:
                 q, k, v = (a.unflatten(0, (-1, bias.shape[0])) for a in (q, k, v))
             out = biased_attention(q, k, v, bias).reshape(B, self.h, L, -1)
