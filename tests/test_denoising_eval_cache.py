@@ -22,7 +22,7 @@ from equipipe.equivariance import decomposition_terms, evaluate_view, example_ro
 from equipipe.evalcache import BoundedCache
 from equipipe.so3 import grid_centres, rotate_grid
 from equipipe.tasks.denoising import N_CHANNELS, DenoisingTask
-from equipipe.voxel import ball_mask, voxelize
+from equipipe.voxel import voxelize
 from tests.test_denoising import CFG, Blur, _examples
 
 G = CFG["grid_size"]
@@ -135,7 +135,10 @@ def test_evaluation_input_caches_stay_within_their_byte_budget(examples):
             got = _evaluate(task, blur, view, rot)
         ref = _evaluate(free, blur, view, rot)
         assert (got.total, got.mean, got.equiv) == (ref.total, ref.mean, ref.equiv)
-    for cache, unbounded in ((task.grid_cache, free.grid_cache), (task.noise_cache, free.noise_cache)):
+    for cache, unbounded in (
+        (task.grid_cache, free.grid_cache),
+        (task.noise_cache, free.noise_cache),
+    ):
         assert 0 < cache.nbytes <= cache.max_bytes == 3 * grids
         assert len(cache) < len(unbounded)  # the evaluation's inputs exceed the budget
     assert len(task.grid_cache) == 2  # first come, first kept: nothing evicted
