@@ -19,6 +19,10 @@ Noise (docs/voxel_rotations.md, which supersedes DESIGN.md's Haar paragraph): Vo
 noise projected onto the Nyquist ball (``noise_band``), i.e. white noise without the 48 % of
 its power that no rotation can move; ``noise_kind: white`` keeps VoxMol's noise.
 
+Evaluation inputs are model-independent and recur at every evaluation (same seeds, rotations
+and rotated atoms): their noise fields and clean grids are cached across evaluations, each
+cache bounded in bytes (``equipipe.evalcache.BoundedCache``; training inputs are not cached).
+
 Model input = clean grid + ``noise_sigma`` · noise; target = clean grid; loss = MSE. The
 decomposed field is ``density`` (B, 8, G, G, G) with per-voxel squared error (dimensionless
 density, unit "density^2"); accuracy ``denoise_mse`` is its mean over all voxels.
