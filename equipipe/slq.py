@@ -33,10 +33,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import Tensor
+
+if TYPE_CHECKING:  # torch is imported where Lanczos runs: Density (numpy) serves the figures
+    import torch
+    from torch import Tensor
 
 __all__ = ["Density", "lanczos_tridiagonal", "slq"]
 
@@ -57,6 +60,8 @@ def lanczos_tridiagonal(
     n = v0.numel()
     q = v0.double().reshape(-1)
     q = q / q.norm()
+    import torch
+
     Q = torch.empty(n, max(1, min(n_steps, n)), dtype=torch.float64)
     Q[:, 0] = q
     alphas, betas = [], []
@@ -195,6 +200,8 @@ def slq(
     Returns:
         Density with (n_probes, n_steps) nodes and weights.
     """
+    import torch
+
     m = max(1, min(n_steps, n))
     nodes = np.full((n_probes, m), np.nan)
     weights = np.zeros((n_probes, m))

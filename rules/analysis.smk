@@ -10,6 +10,7 @@ rule analyse:
         "logs/analysis/{analysis}.log",
     benchmark:
         "benchmarks/analysis/{analysis}.tsv"
+    priority: 1  # after training jobs, before the (short) figures
     conda:
         "../envs/train.yaml"
     threads: 1

@@ -13,6 +13,9 @@ eqcfg.validate_schema(config)
 eqcfg.check_config(config)
 
 RUNS = eqcfg.runs(config)
+# Data preparation (build, preprocess, split, subset) goes before any training job, so every
+# dataset's jobs are ready from the start and the longest-first order spans all of them.
+DATA_PRIORITY = 10**6
 DATASETS = sorted(config["datasets"])
 
 
@@ -102,6 +105,12 @@ def train_gpus(wildcards):
 
 def train_runtime(wildcards):
     return int(config["experiments"][wildcards.experiment]["resources"]["runtime"])
+
+
+def train_priority(wildcards):
+    """Scheduling priority of a training job: its expected minutes (resources.runtime), so
+    the longest jobs start first and the short ones fill the cores at the end."""
+    return train_runtime(wildcards)
 
 
 def train_mem(wildcards):

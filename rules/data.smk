@@ -10,6 +10,7 @@ rule preprocess:
         "logs/{dataset}/preprocess.log",
     benchmark:
         "benchmarks/{dataset}/preprocess.tsv"
+    priority: DATA_PRIORITY
     conda:
         "../envs/data.yaml"
     params:
@@ -25,6 +26,7 @@ rule split:
         "results/data/{dataset}/split.parquet",
     log:
         "logs/{dataset}/split.log",
+    priority: DATA_PRIORITY
     conda:
         "../envs/data.yaml"
     params:
@@ -40,6 +42,7 @@ rule subset:
         "results/data/{dataset}/subsets/{subset}.parquet",
     log:
         "logs/{dataset}/subset_{subset}.log",
+    priority: DATA_PRIORITY
     conda:
         "../envs/data.yaml"
     params:

@@ -8,6 +8,7 @@ rule build_embedded_geom:
         "logs/geom/build_embedded.log",
     benchmark:
         "benchmarks/geom/build_embedded.tsv"
+    priority: DATA_PRIORITY
     conda:
         "../envs/data.yaml"
     threads: 2
@@ -24,6 +25,7 @@ rule download_geom:
         "logs/geom/download_{source}.log",
     wildcard_constraints:
         source="geom-rdkit|midi",
+    priority: DATA_PRIORITY
     retries: 2
     localrule: True
     conda:

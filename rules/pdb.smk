@@ -8,6 +8,7 @@ rule build_embedded_pdb:
         "logs/pdb/build_embedded.log",
     benchmark:
         "benchmarks/pdb/build_embedded.tsv"
+    priority: DATA_PRIORITY
     conda:
         "../envs/data.yaml"
     threads: 2
@@ -24,6 +25,7 @@ rule download_pdb:
         "logs/pdb/download_{source}.log",
     wildcard_constraints:
         source="remote",
+    priority: DATA_PRIORITY
     retries: 2
     localrule: True
     conda:

@@ -8,6 +8,7 @@ rule build_embedded_spice:
         "logs/spice/build_embedded.log",
     benchmark:
         "benchmarks/spice/build_embedded.tsv"
+    priority: DATA_PRIORITY
     conda:
         "../envs/data.yaml"
     threads: 2
@@ -24,6 +25,7 @@ rule download_spice:
         "logs/spice/download_{source}.log",
     wildcard_constraints:
         source="spice-2.0.1|spice-1.1.4|maceoff23",
+    priority: DATA_PRIORITY
     retries: 2
     localrule: True
     conda:

@@ -16,6 +16,8 @@ rule train:
         "logs/train/{experiment}/seed{seed}.log",
     benchmark:
         "benchmarks/train/{experiment}/seed{seed}.tsv"
+    # longest first (resources.runtime): short jobs fill the cores at the end
+    priority: train_priority
     conda:
         "../envs/train.yaml"
     threads: 1

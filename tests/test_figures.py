@@ -419,3 +419,12 @@ def test_figure_command_reports_a_missing_split_in_one_line(data, tmp_path):
         "'split'" in p.stderr
     )
     assert not (tmp_path / "fig" / "dn_pct.png").exists()
+
+
+def test_figure_jobs_import_neither_torch_nor_scipy_stats():
+    """A figure job is a fresh process per figure (about 30 in the embedded run): importing
+    torch (~1.5 s) or scipy.stats (~0.7 s) there would cost more than drawing most figures."""
+    code = "import sys, equipipe.figures; print([m for m in ('torch', 'scipy.stats') if m in sys.modules])"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout  # fmt: skip
+    assert loaded.strip() == "[]", loaded

@@ -544,3 +544,34 @@ def test_efficiency_gap_with_a_tuning_sweep_through_snakemake(finished, tmp_path
     )  # fmt: skip
     jobs = planned_jobs(snakemake(wd, "-n", *targets))
     assert "train" not in jobs and jobs["analyse"] == 1 and jobs["figure"] == 1, jobs
+
+
+def _plan_priorities(text: str) -> list[tuple[str, str, int]]:
+    """(rule, wildcards, priority) of every job a dry run prints."""
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", text):
+        rule = re.match(r"(?:local)?rule (\w+):", block)
+        prio = re.search(r"^\s+priority: (\d+)", block, re.M)
+        wc = re.search(r"^\s+wildcards: (.*)$", block, re.M)
+        if rule:
+            jobs.append((rule.group(1), wc.group(1) if wc else "", int(prio.group(1)) if prio else 0))
+    return jobs
+
+
+def test_embedded_plan_prepares_all_data_then_starts_the_longest_jobs_first(tmp_path):
+    """Every data job outranks every training job (all datasets are ready before the cores fill
+    up), training jobs rank by their expected minutes (resources.runtime: the voxel jobs, the
+    longest, first) and analyses come after training, before the figures."""
+    shutil.copy(ROOT / "config" / "config.yaml", tmp_path / "config.yaml")
+    out = snakemake(tmp_path, "-n", "--cores", "2")
+    jobs = _plan_priorities(out.stdout + out.stderr)
+    data = [p for r, _, p in jobs if r in {"build_embedded_spice", "build_embedded_geom",
+                                           "build_embedded_pdb", "preprocess", "split", "subset"}]  # fmt: skip
+    train = {w: p for r, w, p in jobs if r == "train"}
+    assert len(data) == 3 + 3 + 3 + 6 and len(train) == 14, (data, train)
+    assert min(data) > max(train.values())
+    by_task = {k: {p for w, p in train.items() if f"experiment={k}_" in w} for k in ("dn", "ff", "fm")}
+    assert min(by_task["dn"]) > max(by_task["ff"]) and min(by_task["ff"]) > max(by_task["fm"])
+    analyses = [p for r, _, p in jobs if r == "analyse"]
+    figures = [p for r, _, p in jobs if r == "figure"]
+    assert min(train.values()) > max(analyses) > max(figures) == 0

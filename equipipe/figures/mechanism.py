@@ -13,7 +13,6 @@ import polars as pl
 from matplotlib.collections import LineCollection
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
-from scipy import stats
 
 from equipipe.collect import pct_scale
 from equipipe.figures.data import FigureContext, flow_times, over_seeds, t_filter
@@ -36,6 +35,8 @@ from equipipe.smoothing import ema
 
 def _corr_text(x: np.ndarray, y: np.ndarray) -> str:
     """Pearson and Spearman correlations of log10 x and log10 y."""
+    from scipy import stats  # 0.7 s to import: only the figures that annotate correlations
+
     ok = (x > 0) & (y > 0) & np.isfinite(x) & np.isfinite(y)
     lx, ly = np.log10(x[ok]), np.log10(y[ok])
     if lx.size < 3 or np.ptp(lx) == 0 or np.ptp(ly) == 0:
