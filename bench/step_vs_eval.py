@@ -105,8 +105,8 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = load_config(Path(a.config))
     names = a.experiments or list(cfg["experiments"])
-    print(f"{'experiment':16s} {'s/step':>7s} {'first':>7s} {'s/eval':>7s} {'evals':>5s} {'steps':>5s} "
-          f"{'share':>6s}  " + " ".join(f"{q[:8]:>8s}" for q in EVAL_PARTS))  # fmt: skip
+    print(f"{'experiment':16s} {'s/step':>7s} {'first':>7s} {'s/eval':>7s} {'evals':>5s} "
+          f"{'steps':>5s} {'share':>6s}  " + " ".join(f"{q[:8]:>8s}" for q in EVAL_PARTS))  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             tr = build(cfg, name, Path(a.data), Path(tmp) / name)
@@ -119,8 +119,8 @@ def main() -> None:
             train = tr.tcfg.steps * m["step"]
             outside = m["first"] + (n_evals - 1) * m["eval"]
             share = outside / (train + outside)
-            print(f"{name:16s} {m['step']:7.3f} {m['first']:7.2f} {m['eval']:7.2f} {n_evals:5d} {tr.tcfg.steps:5d} "
-                  f"{share:6.1%}  " + " ".join(f"{m['parts'][q]:8.2f}" for q in EVAL_PARTS),
+            print(f"{name:16s} {m['step']:7.3f} {m['first']:7.2f} {m['eval']:7.2f} {n_evals:5d} "
+                  f"{tr.tcfg.steps:5d} {share:6.1%}  " + " ".join(f"{m['parts'][q]:8.2f}" for q in EVAL_PARTS),
                   flush=True)  # fmt: skip
     sys.stdout.flush()
 

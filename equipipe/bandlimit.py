@@ -147,11 +147,11 @@ _NEAREST_PAD = 12
 
 @functools.lru_cache(maxsize=16)
 def _prefilter_matrix(n: int, order: int) -> Tensor:
-    """(n + 24, n) float64 (shared: never modify it): scipy's B-spline prefilter of order ``order`` along one axis of
-    length n under ``mode="nearest"`` (edge padding by 12, then ``spline_filter1d``), as a
-    matrix. The prefilter is linear and separable, so applying this matrix along each axis
-    gives scipy's prefiltered array to float rounding, as three small matrix products instead
-    of three recursive filters over the padded cube."""
+    """(n + 24, n) float64 (shared: never modify it): scipy's B-spline prefilter of order
+    ``order`` along one axis of length n under ``mode="nearest"`` (edge padding by 12, then
+    ``spline_filter1d``), as a matrix. The prefilter is linear and separable, so applying this
+    matrix along each axis gives scipy's prefiltered array to float rounding, as three small
+    matrix products instead of three recursive filters over the padded cube."""
     eye = np.pad(np.eye(n), ((_NEAREST_PAD, _NEAREST_PAD), (0, 0)), mode="edge")
     return torch.from_numpy(
         ndimage.spline_filter1d(eye, order, axis=0, output=np.float64, mode="nearest")
