@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from equipipe.allocator import keep_freed_memory
 from equipipe.config import load_config, run_spec
 from equipipe.timing import EVAL_PARTS
 from equipipe.train import Trainer, eval_steps
@@ -103,6 +104,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=25)
     a = p.parse_args()
     torch.set_num_threads(1)
+    keep_freed_memory()  # as the training command (equipipe train) does
     cfg = load_config(Path(a.config))
     names = a.experiments or list(cfg["experiments"])
     print(f"{'experiment':16s} {'s/step':>7s} {'first':>7s} {'s/eval':>7s} {'evals':>5s} "

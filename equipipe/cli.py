@@ -87,9 +87,11 @@ def cmd_train(a) -> None:
         if a.gpus > 1 and not under_launcher():
             # one rank per GPU; exec keeps the leases (inherited lock descriptors) held
             exec_torchrun(a.gpus, sys.argv[1:])
+        from equipipe.allocator import keep_freed_memory
         from equipipe.timing import process_seconds
         from equipipe.train import train
 
+        keep_freed_memory()  # large tensors reuse the heap instead of faulting in fresh pages
         if a.tensorboard:
             spec = {**spec, "train": {**spec.get("train", {}), "tensorboard": True}}
         train(spec, Path(a.store), Path(a.split), Path(a.subset), Path(a.out), process_seconds())

@@ -1,12 +1,21 @@
-"""The e3nn equivariant force field: size matching, exact equivariance, gradient forces."""
+"""The e3nn equivariant force field: size matching, exact equivariance, gradient forces, and
+its cheaper evaluation (pruned e3nn graphs, the shared rotated pass) measuring the same."""
 
 from __future__ import annotations
+
+import copy
+import math
 
 import pytest
 import torch
 
-from equipipe.equivariance import decompose
-from equipipe.models.equivariant import build, radius_graph
+from equipipe.equivariance import (
+    canonical_predictions,
+    decompose,
+    decomposition_from_predictions,
+    example_rotations,
+)
+from equipipe.models.equivariant import Interaction, build, prune_dead_einsums, radius_graph
 from equipipe.models.registry import build_model, model_info_rows, param_count
 from equipipe.so3 import haar_rotations
 from equipipe.tasks.forcefield import ForceFieldTask
@@ -109,3 +118,109 @@ def test_cuequivariance_kernel_runs_on_cpu_exactly_equivariant_and_trains(ff):
     ff.assert_trains(ForceFieldTask({"model": "equivariant", "model_overrides": overrides}))
     with pytest.raises(ValueError, match="allowed: e3nn, cuequivariance"):
         build("tiny", kernel="triton")
+
+
+# The embedded experiment's settings (ff_equivariant: size tiny, NequIP's 5 A cutoff).
+EXPERIMENT = {"cutoff": 5.0, "avg_neighbors": 10.0}
+
+
+def _dead_einsums(model) -> int:
+    return sum(
+        1
+        for mod in model.modules()
+        for name in getattr(mod, "__codegen__", ())
+        for node in getattr(mod, name).graph.nodes
+        if node.op == "call_function" and "einsum" in str(node.target) and not node.users
+    )
+
+
+def test_pruned_e3nn_graphs_are_bit_identical_and_stay_pruned():
+    """e3nn leaves unused outer-product einsums in its eager fx graphs; the model erases them
+    (bit-identical outputs) and copies (the EMA model: deepcopy) keep them erased."""
+    model = build("tiny", **EXPERIMENT)
+    assert _dead_einsums(model) == 0
+    assert _dead_einsums(copy.deepcopy(model)) == 0
+    torch.manual_seed(0)
+    block = Interaction(model.blocks[1].irreps_out, model.irreps_sh, model.blocks[1].irreps_out,
+                        model.cfg)  # fmt: skip
+    assert _dead_einsums(block) > 0  # as e3nn builds it
+    pruned = copy.deepcopy(block)
+    assert prune_dead_einsums(pruned) == _dead_einsums(block)
+    n, e = 12, 40
+    h = torch.randn(n, block.tp.irreps_in1.dim)
+    sh = torch.randn(e, model.irreps_sh.dim)
+    radial = torch.randn(e, model.cfg.n_radial)
+    src, dst = torch.randint(0, n, (e,)), torch.randint(0, n, (e,))
+    with torch.no_grad():
+        assert torch.equal(pruned(h, sh, radial, src, dst), block(h, sh, radial, src, dst))
+
+
+def _rotated_forwards(model, task, batch, R):
+    """The ordinary path: one full forward per rotated copy, canonicalised."""
+    zs = [task.canonicalize(task.predict(model, task.rotate(batch, r)), r) for r in R]
+    return {f: torch.stack([z[f] for z in zs]) for f in task.fields}
+
+
+def test_shared_rotated_pass_equals_rotated_forwards(ff):
+    """float64: the K copies sharing graph and radial weights equal K full forwards to float
+    rounding; the plain prediction is the forward bit for bit; hooks see every copy."""
+    task = ForceFieldTask({"model": "equivariant", "model_overrides": EXPERIMENT})
+    torch.manual_seed(0)
+    model = task.build_model("tiny").double().eval()
+    batch = ff.batch(task)
+    k, B = 4, task.num_examples(batch)
+    # float64 rotations: float32 ones are orthogonal to ~1e-7 only, which moves the distances
+    R = haar_rotations(k * B, torch.Generator().manual_seed(0), torch.float64).reshape(k, B, 3, 3)
+    calls = {"": 0, "blocks.0": 0, "blocks.0.radial": 0, "head": 0}  # "": the model
+    hooks = [
+        model.get_submodule(name).register_forward_hook(
+            lambda *_, name=name: calls.__setitem__(name, calls[name] + 1)
+        )
+        for name in calls
+    ]
+    with torch.no_grad():
+        z, plain = canonical_predictions(model, task, batch, R, plain=True)
+    # no full forward (the shared pass); every copy and the plain one through the hooked
+    # modules (a hooked radial MLP runs per copy, so a probe on it sees K + 1 outputs too)
+    assert calls == {"": 0, "blocks.0": k + 1, "blocks.0.radial": k + 1, "head": k + 1}
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        ref = _rotated_forwards(model, task, batch, R)
+        forward = task.predict(model, batch)
+        rotated, none = model.forward_rotated(batch, R, plain=False)
+        batched, batched_plain = model.forward_rotated(batch, R, batched=True)  # CUDA's way
+        raw = model(batch)
+    for f in task.fields:
+        torch.testing.assert_close(z[f], ref[f], rtol=0, atol=1e-12 * ref[f].abs().max())
+        assert torch.equal(plain[f], forward[f])
+    assert none is None and rotated["forces"].shape == (k, *batch["pos"].shape)
+    for f in task.fields:
+        scale = 1e-12 * rotated[f].abs().max()
+        torch.testing.assert_close(batched[f], rotated[f], rtol=0, atol=scale)
+        torch.testing.assert_close(batched_plain[f], raw[f], rtol=0, atol=scale)
+    gradient = build("tiny", forces="gradient", **SMALL)
+    assert gradient.forward_rotated is None  # -dE/dx needs the radial part per copy
+
+
+def test_shared_pass_decomposition_within_standard_error(ff):
+    """float32, a fixed model and batch, K = 10: the decomposition through the shared pass
+    differs from the K full forwards' far below its standard error, and the equivariance
+    error of this exactly equivariant model stays at float precision."""
+    task = ForceFieldTask({"model": "equivariant", "model_overrides": EXPERIMENT})
+    torch.manual_seed(0)
+    model = task.build_model("tiny").eval()
+    batch = ff.batch(task, torch.float32)
+    k = 10
+    new = decompose(model, task, batch, k, torch.Generator().manual_seed(1))
+    R = example_rotations(task.num_examples(batch), k, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        z = _rotated_forwards(model, task, batch, R)
+    y = task.target(batch)
+    B = task.num_examples(batch)
+    for f, index in (("forces", batch["batch"]), ("energy", None)):
+        old = decomposition_from_predictions(z[f], y[f], n_examples=B, index=index)
+        diff = abs(new[f].per_element()["total"] - old.per_element()["total"])
+        assert diff < 1e-3 * old.standard_error("total"), f
+        assert new[f].total > 0 and new[f].pct < 1e-8, (f, new[f].pct)  # float precision
+        assert old.pct < 1e-8 and math.isfinite(new[f].pct)

@@ -554,7 +554,9 @@ def _plan_priorities(text: str) -> list[tuple[str, str, int]]:
         prio = re.search(r"^\s+priority: (\d+)", block, re.M)
         wc = re.search(r"^\s+wildcards: (.*)$", block, re.M)
         if rule:
-            jobs.append((rule.group(1), wc.group(1) if wc else "", int(prio.group(1)) if prio else 0))
+            jobs.append(
+                (rule.group(1), wc.group(1) if wc else "", int(prio.group(1)) if prio else 0)
+            )
     return jobs
 
 
@@ -570,7 +572,9 @@ def test_embedded_plan_prepares_all_data_then_starts_the_longest_jobs_first(tmp_
     train = {w: p for r, w, p in jobs if r == "train"}
     assert len(data) == 3 + 3 + 3 + 6 and len(train) == 14, (data, train)
     assert min(data) > max(train.values())
-    by_task = {k: {p for w, p in train.items() if f"experiment={k}_" in w} for k in ("dn", "ff", "fm")}
+    by_task = {
+        k: {p for w, p in train.items() if f"experiment={k}_" in w} for k in ("dn", "ff", "fm")
+    }
     assert min(by_task["dn"]) > max(by_task["ff"]) and min(by_task["ff"]) > max(by_task["fm"])
     analyses = [p for r, _, p in jobs if r == "analyse"]
     figures = [p for r, _, p in jobs if r == "figure"]

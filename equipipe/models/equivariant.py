@@ -52,6 +52,7 @@ from e3nn.nn import Gate
 from torch import Tensor, nn
 
 from equipipe.models.registry import sized_config
+from equipipe.so3 import rotate_per_example
 
 Batch = dict[str, Tensor]
 
@@ -173,6 +174,43 @@ class RadialBasis(nn.Module):
 # ----------------------------------------------------------------------------- blocks
 
 
+_EINSUM = (torch.einsum, torch.functional.einsum)
+
+
+def prune_dead_einsums(module: nn.Module) -> int:
+    """Erase the unused einsums from the fx graphs e3nn generates for ``module``'s submodules.
+
+    e3nn's TensorProduct codegen builds the outer product x1 ⊗ x2 of every input pair before it
+    picks a specialised contraction that does not read it, and leaves the unused node for
+    TorchScript to drop. Since torch 2.10 e3nn (0.6) runs the fx graphs eagerly (its
+    ``jit_mode`` default "eager"), so the dead (E, mul, 1, 3, 3) products ran in every forward
+    and training step: about half of this model's forward time on CPU. Only call_function
+    einsum nodes without users are erased (pure; the graphs' in-place ``copy_`` nodes stay), so
+    the outputs are bit-identical. Scripted modules (e3nn ``jit_mode`` "script") are skipped:
+    TorchScript drops dead code itself.
+
+    Returns:
+        the number of nodes erased.
+    """
+    erased = 0
+    for mod in module.modules():
+        for name in getattr(mod, "__codegen__", ()):
+            graph_module = getattr(mod, name)
+            if not isinstance(graph_module, torch.fx.GraphModule):
+                continue
+            dead = [
+                node
+                for node in graph_module.graph.nodes
+                if node.op == "call_function" and node.target in _EINSUM and not node.users
+            ]
+            for node in dead:
+                graph_module.graph.erase_node(node)
+            if dead:
+                graph_module.recompile()
+                erased += len(dead)
+    return erased
+
+
 def hidden_irreps(mul: int, lmax: int) -> o3.Irreps:
     """mul x 0e + mul x 1o + mul x 2e + ... (natural parity)."""
     return o3.Irreps([(mul, (ell, (-1) ** ell)) for ell in range(lmax + 1)])
@@ -249,12 +287,32 @@ class Interaction(nn.Module):
         self.norm = 1 / math.sqrt(cfg.avg_neighbors)
         self.irreps_out = self.gate.irreps_out
 
-    def forward(self, h: Tensor, sh: Tensor, radial: Tensor, src: Tensor, dst: Tensor) -> Tensor:
-        msg = self.tp(self.linear_in(h)[src], sh, self.radial(radial))
+    def forward(
+        self,
+        h: Tensor,
+        sh: Tensor,
+        radial: Tensor,
+        src: Tensor,
+        dst: Tensor,
+        weights: Tensor | None = None,
+    ) -> Tensor:
+        """h (N, irreps_in), sh (E, irreps_sh), radial (E, n_radial) -> (N, irreps_out).
+
+        ``weights`` (E, tp.weight_numel): ``self.radial(radial)`` computed by the caller (the
+        shared rotated pass computes it once for K rotated copies); None computes it here.
+        """
+        if weights is None:
+            weights = self.radial(radial)
+        msg = self.tp(self.linear_in(h)[src], sh, weights)
         agg = torch.zeros(h.shape[0], msg.shape[1], dtype=msg.dtype, device=msg.device)
         agg = agg.index_add(0, dst, msg) * self.norm
         out = self.gate(self.linear_out(agg) + self.self_connection(h))
         return out + h if self.residual else out
+
+
+def _hooked(module: nn.Module) -> bool:
+    """True when a forward (pre-)hook is registered on the module or one of its submodules."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
 class EquivariantForceField(nn.Module):
@@ -284,6 +342,7 @@ class EquivariantForceField(nn.Module):
         # (its optimum is σ_E / σ_F); set_force_scale can start it there.
         if cfg.forces == "gradient":
             self.force_scale = nn.Parameter(torch.tensor(1.0))
+        prune_dead_einsums(self)
 
     @property
     def autograd_in_forward(self) -> bool:
@@ -301,13 +360,98 @@ class EquivariantForceField(nn.Module):
         """Per-atom readout (N, 1) scalars [+ (N, 3) vector in direct mode] -> (N, 1 or 4)."""
         src, dst = radius_graph(pos, batch, n_atoms, self.cfg.cutoff, self.cfg.max_neighbors)
         vec = pos[src] - pos[dst]  # points from the centre atom dst to its neighbour src
-        r = vec.norm(dim=-1)
-        sh = o3.spherical_harmonics(self.irreps_sh, vec, normalize=True, normalization="component")
-        radial = self.radial_basis(r)
+        radial = self.radial_basis(vec.norm(dim=-1))
         h = self.embed(z).to(pos.dtype)
-        for block in self.blocks:
-            h = block(h, sh, radial, src, dst)
+        return self._trunk(h, vec, radial, src, dst, [None] * len(self.blocks))
+
+    def _trunk(
+        self,
+        h: Tensor,
+        vec: Tensor,
+        radial: Tensor,
+        src: Tensor,
+        dst: Tensor,
+        weights: list[Tensor | None],
+    ) -> Tensor:
+        """Embedded atoms h (N, mul), edge vectors (E, 3), radial basis (E, n_radial) -> head."""
+        sh = o3.spherical_harmonics(self.irreps_sh, vec, normalize=True, normalization="component")
+        for block, w in zip(self.blocks, weights):
+            h = block(h, sh, radial, src, dst, w)
         return self.head(h)
+
+    # Modules run once per rotated copy in forward_rotated (the spectrum probe's hooks on them
+    # see K copies); each block's radial MLP runs once per pass unless a hook watches it.
+    per_copy_modules = ("blocks", "head")
+
+    @property
+    def forward_rotated(self):
+        """The shared rotated pass (direct forces only; gradient forces need d/dx through the
+        radial part of every copy, so they take K ordinary forwards): see ``_forward_rotated``."""
+        return self._forward_rotated if self.cfg.forces == "direct" else None
+
+    def _forward_rotated(
+        self, batch: Batch, R: Tensor, plain: bool = True, batched: bool | None = None
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+        """The outputs for K rotated copies of the batch sharing their rotation-invariant work.
+
+        The neighbour graph, the radial basis, each block's radial MLP (the tensor-product
+        weights; with the graph about a third of a forward on the CPU) and the embedding depend
+        on distances and atom types only, so they are computed once from the unrotated
+        positions; every copy k then runs the spherical harmonics of its own rotated positions
+        ``rotate_per_example(pos, R[k])`` (the ordinary rotated forward's input), the
+        interaction blocks and the head.
+        Equal to ``self(rotated batch)`` up to float rounding of the distances (and an edge
+        exactly at the cutoff or a tie at the neighbour cap, which rounding could flip); the
+        equivariance error stays at float precision, as the rotated spherical harmonics and
+        tensor products still round differently per copy. A hook on a block's radial MLP makes
+        it run per copy again, so hooks see K copies of every module they watch.
+
+        Args:
+            batch: the unrotated batch (module docstring). R: (K, B, 3, 3) rotation per copy
+                and molecule. plain: also run the unrotated copy (the plain prediction).
+            batched: run the copies as one disjoint graph (True) or one after another (False);
+                None: batched on CUDA, one after another on the CPU (equivariance.py's "auto").
+
+        Returns:
+            ({"energy": (K, B), "forces": (K, N, 3)} of the rotated copies, in the ROTATED
+            frames; {"energy": (B,), "forces": (N, 3)} = ``self(batch)`` or None without
+            ``plain``).
+        """
+        pos, z, index, n_atoms = batch["pos"], batch["z"], batch["batch"], batch["n_atoms"]
+        B = n_atoms.shape[0]
+        src, dst = radius_graph(pos, index, n_atoms, self.cfg.cutoff, self.cfg.max_neighbors)
+        vec = pos[src] - pos[dst]
+        radial = self.radial_basis(vec.norm(dim=-1))
+        h = self.embed(z).to(pos.dtype)
+        weights = [None if _hooked(b.radial) else b.radial(radial) for b in self.blocks]
+
+        vecs = [pos_k[src] - pos_k[dst] for pos_k in rotate_per_example(pos, R, index)]
+        if plain:
+            vecs.append(vec)
+        if batched is None:
+            batched = pos.is_cuda
+        if batched:  # the copies as one graph of C disjoint copies (one pass: GPU)
+            C, N, E = len(vecs), pos.shape[0], src.shape[0]
+            shift = torch.arange(C, device=pos.device).repeat_interleave(E) * N
+            src_c, dst_c = src.repeat(C) + shift, dst.repeat(C) + shift
+            ws = [None if w is None else w.repeat(C, 1) for w in weights]
+            out = self._trunk(
+                h.repeat(C, 1), torch.cat(vecs), radial.repeat(C, 1), src_c, dst_c, ws
+            )
+            index_c = index.repeat(C) + torch.arange(C, device=pos.device).repeat_interleave(N) * B
+            energy = self._mean_per_molecule(out[:, 0], index_c, n_atoms.repeat(C), C * B)
+            energies, forces = list(energy.reshape(C, B)), list(out[:, 1:4].reshape(C, N, 3))
+        else:  # copy after copy (CPU: as fast per copy, less memory)
+            energies, forces = [], []
+            for vec_k in vecs:
+                out = self._trunk(h, vec_k, radial, src, dst, weights)
+                energies.append(self._mean_per_molecule(out[:, 0], index, n_atoms, B))
+                forces.append(out[:, 1:4])
+        k = R.shape[0]
+        rotated = {"energy": torch.stack(energies[:k]), "forces": torch.stack(forces[:k])}
+        if not plain:
+            return rotated, None
+        return rotated, {"energy": energies[k], "forces": forces[k]}
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         z, index, n_atoms = batch["z"], batch["batch"], batch["n_atoms"]

@@ -383,8 +383,8 @@ class EScAIP(nn.Module):
         return {"energy": energy, "forces": self.force_head(node, edge, geo)}
 
     def forward_rotated(
-        self, batch: dict[str, Tensor], R: Tensor
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        self, batch: dict[str, Tensor], R: Tensor, plain: bool = True
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
         """The outputs for K rotated copies of the batch from ONE trunk pass, and the plain output.
 
         The trunk sees only invariants of the geometry (distances, cosines, types), so its node
@@ -396,11 +396,11 @@ class EScAIP(nn.Module):
 
         Args:
             batch: the unrotated batch (module docstring). R: (K, B, 3, 3) rotation per copy and
-                molecule.
+                molecule. plain: also return the unrotated output.
 
         Returns:
             ({"energy": (K, B), "forces": (K, N, 3)} of the rotated copies, in the ROTATED
-            frames; {"energy": (B,), "forces": (N, 3)} = ``self(batch)``).
+            frames; {"energy": (B,), "forces": (N, 3)} = ``self(batch)``, None without ``plain``).
         """
         node, edge, geo = self.trunk(batch)
         per_atom = self.energy_head(node).squeeze(-1).to(batch["pos"].dtype)
@@ -410,13 +410,15 @@ class EScAIP(nn.Module):
         head = self.force_head
         c = head.linear(head.ffn(edge))  # (N, K_nb, 3), shared by every copy
         m = head.magnitudes(node)  # (N,)
-        plain = m[:, None] * (c * geo.rhat).sum(1)  # exactly the forward's head
         Ra = R.to(geo.rhat)[:, batch["batch"]]  # (K, N, 3, 3)
         turned = torch.einsum("knij,nsj->knsi", Ra, geo.rhat)  # (K, N, K_nb, 3)
         forces = m[None, :, None] * (c[None] * turned).sum(2)  # (K, N, 3)
         k = R.shape[0]
         rotated = {"energy": energy[None].expand(k, n_mol), "forces": forces}
-        return rotated, {"energy": energy, "forces": plain}
+        if not plain:
+            return rotated, None
+        unrotated = m[:, None] * (c * geo.rhat).sum(1)  # exactly the forward's head
+        return rotated, {"energy": energy, "forces": unrotated}
 
     def force_head_features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """What the force head sees, flattened over the E real edges.

@@ -122,7 +122,8 @@ class ForceFieldTask(EvaluationDefaults):
     ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None] | None:
         """Canonicalised predictions of K rotated copies sharing one pass, when the model can.
 
-        For a model with ``forward_rotated`` (an invariant trunk, e.g. the EScAIP-like model;
+        For a model with ``forward_rotated(batch, R, plain)`` (work shared across the copies:
+        the EScAIP-like model's invariant trunk, the e3nn model's graph and radial weights;
         ``equipipe.equivariance.canonical_predictions`` calls this): field -> (K, *shape) stack
         of g_k^-1 f(g_k x), and (``plain``) the prediction ``predict(model, batch)`` from the
         same pass. None otherwise. R: (K, B, 3, 3).
@@ -130,12 +131,13 @@ class ForceFieldTask(EvaluationDefaults):
         forward_rotated = interface.forward_rotated(model)
         if forward_rotated is None:
             return None
-        rotated, unrotated = forward_rotated(batch, R)
+        rotated, unrotated = forward_rotated(batch, R, plain=plain)
         s = self._require_state()
         forces = rotate_per_example(rotated["forces"] * s["force_std"], inverse(R), batch["batch"])
         z = {"forces": forces, "energy": rotated["energy"] * s["energy_std"] + s["energy_mean"]}
         if not plain:
             return z, None
+        assert unrotated is not None, "forward_rotated(plain=True) returns the plain output"
         pred = {
             "energy": unrotated["energy"] * s["energy_std"] + s["energy_mean"],
             "forces": unrotated["forces"] * s["force_std"],
