@@ -6,11 +6,13 @@ training steps and ``--evals`` evaluations alternately (so load on a shared mach
 alike), and prints medians: seconds per step, per evaluation and its parts, and the share of
 the job outside training that the experiment's evaluation schedule implies:
 
-    share = n_evals * eval / (steps * step + n_evals * eval)
+    share = (first + (n_evals - 1) * eval) / (steps * step + first + (n_evals - 1) * eval)
 
-(I/O, set-up and start-up excluded: ``bench/embedded_budget.py`` reads those from finished
-runs). ``--profile`` adds a ``torch.profiler`` table (CPU self time) of one training step and of
-one evaluation per experiment.
+with the first evaluation (``first``: step 0, cold caches, the interpolation floor) counted
+once and the median of the later ones (``eval``) for the rest (I/O, set-up and start-up
+excluded: ``bench/embedded_budget.py`` reads those from finished runs). ``--profile`` adds a
+``torch.profiler`` table (CPU self time) of one training step and of one evaluation per
+experiment.
 
     python bench/step_vs_eval.py [--experiments ff_default fm_default] [--steps 10] [--evals 3]
 """
@@ -49,7 +51,9 @@ def measure(tr: Trainer, steps: int, evals: int) -> dict:
     schedule = eval_steps(tr.tcfg.steps, tr.ecfg.every, tr.ecfg.early)
     tr.model.train()
     tr.train_step()  # warm-up (allocator, first-call overheads)
-    tr.evaluate()
+    t0 = time.perf_counter()
+    tr.evaluate()  # the job's first evaluation (step 0: cold caches, the interpolation floor)
+    first = time.perf_counter() - t0
     for r in range(evals):
         for _ in range(max(steps // evals, 1)):
             t0 = time.perf_counter()
@@ -68,6 +72,7 @@ def measure(tr: Trainer, steps: int, evals: int) -> dict:
     return {
         "step": statistics.median(step_s),
         "eval": statistics.median(eval_s),
+        "first": first,
         "parts": {p: statistics.median(v) for p, v in parts.items()},
     }
 
@@ -102,8 +107,8 @@ def main() -> None:
     keep_freed_memory()  # as the training command (equipipe train) does
     cfg = load_config(Path(a.config))
     names = a.experiments or list(cfg["experiments"])
-    print(f"{'experiment':16s} {'s/step':>7s} {'s/eval':>7s} {'evals':>5s} {'steps':>5s} "
-          f"{'share':>6s}  " + " ".join(f"{q[:8]:>8s}" for q in EVAL_PARTS))  # fmt: skip
+    print(f"{'experiment':16s} {'s/step':>7s} {'first':>7s} {'s/eval':>7s} {'evals':>5s} "
+          f"{'steps':>5s} {'share':>6s}  " + " ".join(f"{q[:8]:>8s}" for q in EVAL_PARTS))  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             tr = build(cfg, name, Path(a.data), Path(tmp) / name)
@@ -114,9 +119,10 @@ def main() -> None:
             e = tr.ecfg
             n_evals = len(eval_steps(tr.tcfg.steps, e.every, e.early))
             train = tr.tcfg.steps * m["step"]
-            share = n_evals * m["eval"] / (train + n_evals * m["eval"])
-            print(f"{name:16s} {m['step']:7.3f} {m['eval']:7.2f} {n_evals:5d} {tr.tcfg.steps:5d} "
-                  f"{share:6.1%}  " + " ".join(f"{m['parts'][q]:8.2f}" for q in EVAL_PARTS),
+            outside = m["first"] + (n_evals - 1) * m["eval"]
+            share = outside / (train + outside)
+            print(f"{name:16s} {m['step']:7.3f} {m['first']:7.2f} {m['eval']:7.2f} {n_evals:5d} "
+                  f"{tr.tcfg.steps:5d} {share:6.1%}  " + " ".join(f"{m['parts'][q]:8.2f}" for q in EVAL_PARTS),
                   flush=True)  # fmt: skip
     sys.stdout.flush()
 

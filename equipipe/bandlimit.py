@@ -23,6 +23,8 @@ Grid convention: :func:`equipipe.so3.grid_centres` (voxel i at (i - (G-1)/2)·Δ
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from scipy import ndimage
@@ -138,17 +140,51 @@ class _SplineRotate(torch.autograd.Function):
         return _spline_rotate(grad, R.transpose(-1, -2), ctx.order), None, None
 
 
+# scipy's map_coordinates(mode="nearest") pads by 12 edge voxels before its spline prefilter
+# (scipy.ndimage._interpolation._prepad_for_spline_filter); _prefilter_matrix reproduces it
+_NEAREST_PAD = 12
+
+
+@functools.lru_cache(maxsize=16)
+def _prefilter_matrix(n: int, order: int) -> Tensor:
+    """(n + 24, n) float64 (shared: never modify it): scipy's B-spline prefilter of order
+    ``order`` along one axis of length n under ``mode="nearest"`` (edge padding by 12, then
+    ``spline_filter1d``), as a matrix. The prefilter is linear and separable, so applying this
+    matrix along each axis gives scipy's prefiltered array to float rounding, as three small
+    matrix products instead of three recursive filters over the padded cube."""
+    eye = np.pad(np.eye(n), ((_NEAREST_PAD, _NEAREST_PAD), (0, 0)), mode="edge")
+    return torch.from_numpy(
+        ndimage.spline_filter1d(eye, order, axis=0, output=np.float64, mode="nearest")
+    )
+
+
+def _prefiltered(g: Tensor, order: int) -> Tensor:
+    """B-spline coefficients (B, C, D+24, H+24, W+24) float64 of grids g (B, C, D, H, W)."""
+    D, H, W = g.shape[-3:]
+    Ad, Ah, Aw = (_prefilter_matrix(n, order) for n in (D, H, W))
+    f = g @ Aw.T  # (B, C, D, H, W')
+    f = (f.transpose(-1, -2) @ Ah.T).transpose(-1, -2)  # (B, C, D, H', W')
+    f = (f.permute(0, 1, 3, 4, 2) @ Ad.T).permute(0, 1, 4, 2, 3)  # (B, C, D', H', W')
+    return f.contiguous()
+
+
 def _spline_rotate(grid: Tensor, R: Tensor, order: int) -> Tensor:
+    """scipy ``map_coordinates(mode="nearest")`` per example and channel; the prefilter is
+    done by ``_prefiltered`` for all of them at once (same values to float rounding)."""
     B, C, D, H, W = grid.shape
-    g = grid.detach().to("cpu", torch.float64).numpy()
+    g = grid.detach().to("cpu", torch.float64)
+    pad = _NEAREST_PAD if order > 1 else 0
+    coef = (_prefiltered(g, order) if order > 1 else g.contiguous()).numpy()
     Rn = R.detach().to("cpu", torch.float64).numpy()
     x = grid_centres((D, H, W), 1.0, dtype=torch.float64).reshape(-1, 3).numpy()
-    centre = np.array([(D - 1) / 2, (H - 1) / 2, (W - 1) / 2])
+    centre = np.array([(D - 1) / 2, (H - 1) / 2, (W - 1) / 2]) + pad
     out = np.empty((B, C, D * H * W))
     for b in range(B):
         src = (x @ Rn[b] + centre).T
         for c in range(C):
-            out[b, c] = ndimage.map_coordinates(g[b, c], src, order=order, mode="nearest")
+            ndimage.map_coordinates(
+                coef[b, c], src, output=out[b, c], order=order, mode="nearest", prefilter=False
+            )
     return torch.from_numpy(out.reshape(grid.shape)).to(device=grid.device, dtype=grid.dtype)
 
 

@@ -188,17 +188,29 @@ def decomposition_from_predictions(
             a force-field batch), or None.
 
     Returns:
-        Decomposition with plug-in sums over elements (see the class).
+        Decomposition with plug-in sums over elements (see the class). The sums equal
+        ``decomposition_terms`` in float64 to rounding; the elementwise terms are computed
+        once, in one pass over K, and the batch sums are the sums of the per-unit sums.
     """
+    if z.shape[1:] != y.shape:
+        raise ValueError(f"predictions {tuple(z.shape)} do not match (K, *target {tuple(y.shape)})")
     K = int(z.shape[0])
     with torch.no_grad():
-        z, y = z.double(), y.double()
-        t, m, e, n = decomposition_terms(z, y, mask)
-        units = _unit_sums(z, y, mask, n_examples, index)
-    d = Decomposition(float(t), float(m), float(e), K, n, exhaustive)
+        mean_el, equiv_el = _elementwise_terms(z, y)
+        w = broadcast_mask(mask, y)
+        w = None if w is None else w.to(torch.float64)
+        units = _unit_sums(mean_el, equiv_el, w, n_examples, index)
+        if units is None:
+            m_sum = float(mean_el.sum() if w is None else (mean_el * w).sum())
+            e_sum = float(equiv_el.sum() if w is None else (equiv_el * w).sum())
+            n = y.numel() if w is None else int(w.sum())
+        else:
+            mu, eu, nu = units
+            m_sum, e_sum, n = float(mu.sum()), float(eu.sum()), int(nu.sum())
+    d = Decomposition(m_sum + e_sum, m_sum, e_sum, K, n, exhaustive)
     if units is None:
         return d
-    tu, eu, nu = units
+    tu = mu + eu
     if not exhaustive:
         eu = eu * (K / (K - 1))
     d.n_units = int(tu.numel())
@@ -210,27 +222,49 @@ def decomposition_from_predictions(
     return d
 
 
+def _elementwise_terms(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Elementwise (y - z̄)^2 and mean_k (z_k - z̄)^2, each (*shape) float64 (their sum is
+    mean_k (y - z_k)^2, the total, exactly in real arithmetic).
+
+    One pass over the K predictions: memory stays O(shape) in float64, never (K, *shape).
+    """
+    K = z.shape[0]
+    zbar = z.sum(0, dtype=torch.float64).div_(K)
+    equiv = torch.zeros_like(zbar)
+    for k in range(K):
+        d = z[k] - zbar  # float64 (type promotion); never in place on z
+        equiv.addcmul_(d, d)
+    equiv.div_(K)
+    mean = (y - zbar).pow_(2)
+    return mean, equiv
+
+
 def _unit_sums(
-    z: Tensor, y: Tensor, mask: Tensor | None, n_examples: int | None, index: Tensor | None
+    mean_el: Tensor,
+    equiv_el: Tensor,
+    w: Tensor | None,
+    n_examples: int | None,
+    index: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
-    """Per-example (T_u, E_u, n_u) (each (B,) float64: total and plug-in equivariance sums and
-    element counts), or None when the examples cannot be told apart (one unit)."""
-    if n_examples is None or y.dim() == 0:
+    """Per-example (M_u, E_u, n_u) (each (B,) float64: twirled-prediction and plug-in
+    equivariance sums and element counts) of the elementwise terms (weights ``w``: the float
+    mask, or None), or None when the examples cannot be told apart (one unit)."""
+    if n_examples is None or mean_el.dim() == 0:
         return None
-    lead = y.shape[0]
+    lead = mean_el.shape[0]
     if index is None and lead != n_examples:
         return None
     if index is not None and index.shape[0] != lead:
         return None
-    zbar = z.mean(0)
-    total_el = (y.unsqueeze(0) - z).pow(2).mean(0)
-    equiv_el = (z - zbar.unsqueeze(0)).pow(2).mean(0)
-    w = broadcast_mask(mask, y)
-    w = torch.ones_like(y) if w is None else w.to(y.dtype)
-    per = [(a * w).reshape(lead, -1).sum(1) for a in (total_el, equiv_el, w)]
+    if w is None:
+        per_n = torch.full((lead,), mean_el[0].numel(), dtype=torch.float64, device=mean_el.device)
+        per = [a.reshape(lead, -1).sum(1) for a in (mean_el, equiv_el)] + [per_n]
+    else:
+        per = [(a * w).reshape(lead, -1).sum(1) for a in (mean_el, equiv_el)]
+        per.append(w.reshape(lead, -1).sum(1))
     if index is None:
         return per[0], per[1], per[2]
-    idx = index.to(torch.long).to(y.device)
+    idx = index.to(torch.long).to(mean_el.device)
     out = []
     for v in per:
         acc = torch.zeros(n_examples, dtype=v.dtype, device=v.device)

@@ -19,6 +19,10 @@ Noise (docs/voxel_rotations.md, which supersedes DESIGN.md's Haar paragraph): Vo
 noise projected onto the Nyquist ball (``noise_band``), i.e. white noise without the 48 % of
 its power that no rotation can move; ``noise_kind: white`` keeps VoxMol's noise.
 
+Evaluation inputs are model-independent and recur at every evaluation (same seeds, rotations
+and rotated atoms): their noise fields and clean grids are cached across evaluations, each
+cache bounded in bytes (``equipipe.evalcache.BoundedCache``; training inputs are not cached).
+
 Model input = clean grid + ``noise_sigma`` · noise; target = clean grid; loss = MSE. The
 decomposed field is ``density`` (B, 8, G, G, G) with per-voxel squared error (dimensionless
 density, unit "density^2"); accuracy ``denoise_mse`` is its mean over all voxels.
@@ -57,6 +61,7 @@ from torch import Tensor, nn
 
 from equipipe.bandlimit import bandlimited_noise, is_signed_permutation, spline_rotate
 from equipipe.config import defaults
+from equipipe.evalcache import BoundedCache
 from equipipe.so3 import haar_rotations, octahedral_rotations, rotate_grid, rotate_per_example
 from equipipe.tasks.base import Batch, EvaluationDefaults, repeat_ragged
 from equipipe.voxel import (
@@ -83,6 +88,7 @@ EVAL_MODES = ("octahedral", "haar")
 NOISE_KINDS = ("band_limited", "white")
 N_CHANNELS = len(ATOMIC_NUMBERS)
 _PER_EXAMPLE = ("n_atoms", "noise_seed", "noise_rot", "noise_fixed", "ball_mask")
+_CACHE_BYTES = 256 << 20  # per evaluation-input cache (noise fields; clean grids)
 
 
 class DenoisingTask(EvaluationDefaults):  # shared_rotated_predictions: None
@@ -91,7 +97,8 @@ class DenoisingTask(EvaluationDefaults):  # shared_rotated_predictions: None
     units = {"density": "density^2"}
     primary_field = "density"
 
-    def __init__(self, cfg: dict[str, Any] | None = None):
+    def __init__(self, cfg: dict[str, Any] | None = None, cache_bytes: int = _CACHE_BYTES):
+        """``cache_bytes``: budget of each evaluation-input cache (noise; clean grids)."""
         cfg = {**DEFAULTS, **(cfg or {})}
         modes = list(cfg["eval_modes"])
         bad = [m for m in modes if m not in EVAL_MODES]
@@ -118,8 +125,10 @@ class DenoisingTask(EvaluationDefaults):  # shared_rotated_predictions: None
         self.spacing = float(cfg["grid_spacing"])
         self.sigma = float(cfg["noise_sigma"])
         self._warned = False
-        self._noise_cache: dict[tuple[int, bytes], np.ndarray] = {}
-        self._cache_bytes = 256 << 20  # rotated evaluation noise kept across evaluations
+        # model-independent evaluation inputs, kept across evaluations (the evaluation
+        # generator is re-seeded each time: same seeds, rotations and rotated atoms)
+        self.noise_cache = BoundedCache(cache_bytes)  # band-limited noise per (seed, R)
+        self.grid_cache = BoundedCache(cache_bytes)  # clean grids per exact atom inputs
 
     # --- model ---------------------------------------------------------------------------
 
@@ -129,8 +138,19 @@ class DenoisingTask(EvaluationDefaults):  # shared_rotated_predictions: None
         return build_model(self.cfg["model"], size, **self.cfg["model_overrides"])
 
     def voxelize(self, batch: Batch) -> Tensor:
-        """Clean density grids (B, 8, G, G, G) of the batch's atoms, on its device."""
-        return voxelize(
+        """Clean density grids (B, 8, G, G, G) of the batch's atoms, on its device.
+
+        Evaluation views (every ``noise_fixed``) recur identically at every evaluation, so
+        their grids are cached by the exact atom inputs (positions' bytes, channels, example
+        index); a hit returns a copy of the grid ``equipipe.voxel.voxelize`` gave."""
+        fixed = batch.get("noise_fixed")
+        key = None
+        if fixed is not None and fixed.numel() and bool(fixed.all()):
+            key = self._grid_key(batch)
+            hit = self.grid_cache.get(key)
+            if hit is not None:
+                return hit.clone()
+        grid = voxelize(
             batch["pos"],
             batch["channel"],
             batch["batch"],
@@ -140,6 +160,20 @@ class DenoisingTask(EvaluationDefaults):  # shared_rotated_predictions: None
             radius=float(self.cfg["atom_radius"]),
             n_channels=N_CHANNELS,
             form=self.cfg["density_form"],
+        )
+        if key is not None and self.grid_cache.put(key, grid, grid.nbytes):
+            return grid.clone()  # the cached tensor never leaves
+        return grid
+
+    def _grid_key(self, batch: Batch) -> tuple:
+        pos = batch["pos"].detach()
+        return (
+            str(pos.device),
+            str(pos.dtype),
+            self.num_examples(batch),
+            pos.cpu().numpy().tobytes(),
+            batch["channel"].detach().cpu().numpy().tobytes(),
+            batch["batch"].detach().cpu().numpy().tobytes(),
         )
 
     def noise(self, batch: Batch) -> Tensor:
@@ -154,24 +188,32 @@ class DenoisingTask(EvaluationDefaults):  # shared_rotated_predictions: None
             return seeded_noise(batch["noise_seed"], N_CHANNELS, self.grid_size, rot, device=dev)
         seeds = batch["noise_seed"].tolist()
         rots = batch["noise_rot"].detach().to("cpu", torch.float64).numpy()
-        out = [
-            torch.from_numpy(self._band_noise(s, rots[b] if bool(fixed[b]) else None))
-            for b, s in enumerate(seeds)
-        ]
+        moved = fixed.tolist()
+        out = [self._band_noise(s, rots[b] if moved[b] else None) for b, s in enumerate(seeds)]
         return torch.stack(out).to(dev)
 
-    def _band_noise(self, seed: int, R: np.ndarray | None) -> np.ndarray:
-        """One example's band-limited noise, moved by R; rotated fields are cached (the
-        evaluation reuses the same seeds and rotations at every step)."""
-        band = float(self.cfg["noise_band"])
-        if R is None or is_signed_permutation(R) or self._cache_bytes <= 0:
-            return bandlimited_noise(seed, N_CHANNELS, self.grid_size, band, R)
+    def _band_noise(self, seed: int, R: np.ndarray | None) -> Tensor:
+        """One example's band-limited noise (C, G, G, G) float32, moved by R (None: fresh
+        training noise, not cached). Evaluation noise is cached (same seeds and rotations at
+        every evaluation): the unmoved field per seed, which octahedral R permute exactly, and
+        the field moved by any other R per (seed, R). May be a view of a cached array: the
+        caller copies it (``noise`` stacks)."""
+        C, G, band = N_CHANNELS, self.grid_size, float(self.cfg["noise_band"])
+        if R is None:
+            return torch.from_numpy(bandlimited_noise(seed, C, G, band))
+        if is_signed_permutation(R):
+            base = self._cached_noise((int(seed), b""), lambda: bandlimited_noise(seed, C, G, band))
+            return rotate_grid(torch.from_numpy(base), torch.from_numpy(np.round(R)))
         key = (int(seed), np.round(R, 12).tobytes())
-        hit = self._noise_cache.get(key)
+        return torch.from_numpy(
+            self._cached_noise(key, lambda: bandlimited_noise(seed, C, G, band, R))
+        )
+
+    def _cached_noise(self, key: tuple[int, bytes], make) -> np.ndarray:
+        hit = self.noise_cache.get(key)
         if hit is None:
-            hit = bandlimited_noise(seed, N_CHANNELS, self.grid_size, band, R)
-            if hit.nbytes * (len(self._noise_cache) + 1) <= self._cache_bytes:
-                self._noise_cache[key] = hit
+            hit = make()
+            self.noise_cache.put(key, hit, hit.nbytes)
         return hit
 
     def model_input(self, batch: Batch) -> tuple[Tensor, Tensor]:
