@@ -143,7 +143,11 @@ def test_defaults_filled_from_the_schema_and_read_by_the_modules():
     cfg = _check(DEFAULT)
     assert cfg["datasets"]["spice"]["preprocess"]["max_bad_fraction"] == 0.05
     assert cfg["datasets"]["spice"]["preprocess"]["max_gradient"] == 1.0
-    assert cfg["experiments"]["ff_default"]["resources"] == defaults("resources", "train")
+    # the embedded config sets only runtime (the scheduling priority): the rest is the default
+    assert cfg["experiments"]["ff_default"]["resources"] == {
+        **defaults("resources", "train"),
+        "runtime": 10,
+    }
     assert cfg["analyses"]["ff_twirling"]["checkpoint"] == "model.pt"
     from equipipe.analyses import LANDSCAPE_DEFAULTS
     from equipipe.data import geom, pdb, spice
