@@ -153,3 +153,30 @@ def test_tuning_config_plans_the_same_sweep_for_every_model(tmp_path):
     text = out.stdout + out.stderr
     for name in sweep:
         assert f"results/runs/{name}/seed0/metrics.parquet" in text, name
+
+
+def _dead_einsums(model) -> int:
+    return sum(
+        1
+        for mod in model.modules()
+        for name in getattr(mod, "__codegen__", ())
+        for node in getattr(mod, name).graph.nodes
+        if node.op == "call_function" and "einsum" in str(node.target) and not node.users
+    )
+
+
+def test_built_model_has_no_dead_einsums_and_the_same_outputs(ff):
+    """``build`` erases e3nn's unused outer-product einsums from NequIP's tensor products: the
+    same energies and forces, bit for bit, as the model as NequIP builds it."""
+    from equipipe.models import nequip_adapter as na
+
+    task = ForceFieldTask({"model": "nequip", "model_overrides": SMALL})
+    batch = ff.batch(task)
+    torch.manual_seed(0)
+    pruned = na.build("tiny", **SMALL)
+    torch.manual_seed(0)
+    as_built = na.NequIPForceField(pruned.cfg)  # the same init, not pruned
+    assert _dead_einsums(as_built) > 0 and _dead_einsums(pruned) == 0
+    out_p, out_b = pruned(batch), as_built(batch)
+    for f in ("energy", "forces"):
+        assert torch.equal(out_p[f], out_b[f]), f

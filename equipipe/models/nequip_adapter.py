@@ -60,7 +60,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from equipipe.models.equivariant import radius_graph
+from equipipe.models.equivariant import prune_dead_einsums, radius_graph
 from equipipe.models.registry import sized_config
 
 Batch = dict[str, Tensor]
@@ -125,7 +125,11 @@ def build(size: str, stats: dict[str, Any] | None = None, **overrides) -> NequIP
     if torch.get_default_device().type == "meta":
         with torch.device("cpu"):  # e3nn computes constants with real tensors while it builds
             return NequIPForceField(cfg).to("meta")
-    return NequIPForceField(cfg)
+    model = NequIPForceField(cfg)
+    # NequIP's e3nn tensor products carry the same dead outer-product einsums as ours (eager fx
+    # graphs since torch 2.10): erased, outputs bit-identical (equipipe.models.equivariant)
+    prune_dead_einsums(model)
+    return model
 
 
 def task_statistics(examples: list[dict[str, Any]], r_max: float | None = None) -> dict[str, Any]:
