@@ -11,6 +11,7 @@ import torch
 from equipipe.equivariance import decompose
 from equipipe.models.registry import build_model, model_info_rows
 from equipipe.tasks.forcefield import ForceFieldTask
+from tests.test_equivariant import _dead_einsums
 
 SMALL = {"num_features": 8, "radial_mlp_width": 16}
 SMALL64 = {**SMALL, "model_dtype": "float64"}
@@ -153,16 +154,6 @@ def test_tuning_config_plans_the_same_sweep_for_every_model(tmp_path):
     text = out.stdout + out.stderr
     for name in sweep:
         assert f"results/runs/{name}/seed0/metrics.parquet" in text, name
-
-
-def _dead_einsums(model) -> int:
-    return sum(
-        1
-        for mod in model.modules()
-        for name in getattr(mod, "__codegen__", ())
-        for node in getattr(mod, name).graph.nodes
-        if node.op == "call_function" and "einsum" in str(node.target) and not node.users
-    )
 
 
 def test_built_model_has_no_dead_einsums_and_the_same_outputs(ff):
