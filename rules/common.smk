@@ -107,12 +107,6 @@ def train_runtime(wildcards):
     return int(config["experiments"][wildcards.experiment]["resources"]["runtime"])
 
 
-def train_priority(wildcards):
-    """Scheduling priority of a training job: its expected minutes (resources.runtime), so
-    the longest jobs start first and the short ones fill the cores at the end."""
-    return train_runtime(wildcards)
-
-
 def train_mem(wildcards):
     return int(config["experiments"][wildcards.experiment]["resources"]["mem_mb"])
 

@@ -17,7 +17,7 @@ rule train:
     benchmark:
         "benchmarks/train/{experiment}/seed{seed}.tsv"
     # longest first (resources.runtime): short jobs fill the cores at the end
-    priority: train_priority
+    priority: train_runtime
     conda:
         "../envs/train.yaml"
     threads: 1
